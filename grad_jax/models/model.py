@@ -1,0 +1,124 @@
+"""build_model(config): frozen EfficientNet backbone + MFCN neck + CRAD head, as one NNX module.
+
+The model has no file I/O: it is built with random weights; pretrained backbone weights are put
+in by `grad_jax.convert` and trained weights by `grad_jax.checkpointing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+from flax import nnx
+
+from grad_jax.models.efficientnet import EfficientNet
+from grad_jax.models.grad_head import GradHead, HeadConfig, HeadOutputs
+from grad_jax.models.neck import mfcn
+
+
+class GradModel(nnx.Module):
+    """images `[B, H, W, 3]` with values 0..255 (uint8 or float) -> `HeadOutputs`."""
+
+    def __init__(
+        self,
+        *,
+        backbone: str,
+        out_layers: Sequence[int],
+        out_stride: int,
+        image_size: Sequence[int],
+        head: dict,
+        dtype: str = "float32",
+        depthwise_impl: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        self.backbone = EfficientNet(
+            backbone,
+            tuple(out_layers),
+            dtype=dtype,
+            depthwise_impl=depthwise_impl,
+            rngs=rngs,
+        )
+        self.out_stride = out_stride
+        self.image_size = tuple(image_size)
+        spec = self.backbone.spec
+        sizes = [spec.output_size(self.image_size, b) for b in self.backbone.out_blocks]
+        strides = self.backbone.out_strides
+        feature_hw = tuple(
+            n * (strides[0] // out_stride) for n in sizes[0]
+        )  # the neck brings every stage to the first stage's size times its factor
+        self.head = GradHead(
+            HeadConfig(
+                channels=sum(self.backbone.out_channels),
+                feature_hw=feature_hw,
+                upsample=out_stride,
+                dtype=dtype,
+                depthwise_impl=depthwise_impl,
+                **head,
+            ),
+            rngs=rngs,
+        )
+
+    def extract(self, images: jax.Array) -> list[jax.Array]:
+        """The frozen backbone's stage outputs (what the feature cache stores)."""
+        return self.backbone(images)
+
+    def neck(self, stage_features: Sequence[jax.Array]) -> jax.Array:
+        return mfcn(stage_features, self.backbone.out_strides, self.out_stride)
+
+    def from_features(
+        self,
+        stage_features: Sequence[jax.Array],
+        *,
+        train: bool = False,
+        noise_key: jax.Array | None = None,
+    ) -> HeadOutputs:
+        return self.head(self.neck(stage_features), train=train, noise_key=noise_key)
+
+    def __call__(
+        self, images: jax.Array, *, train: bool = False, noise_key: jax.Array | None = None
+    ) -> HeadOutputs:
+        return self.from_features(self.extract(images), train=train, noise_key=noise_key)
+
+
+HEAD_KEYS = (
+    "local_resol",
+    "global_resol",
+    "layers",
+    "ch_exp",
+    "mse_lamb",
+    "cos_lamb",
+    "mse_coef",
+    "noise_std",
+    "noise_prob",
+    "bn_group_size",
+)
+
+
+def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> GradModel:
+    """A GradModel with random weights from a full config (uses `config.model`, `config.data`)."""
+    m = config.model
+    return GradModel(
+        backbone=m.backbone,
+        out_layers=tuple(m.out_layers),
+        out_stride=m.out_stride,
+        image_size=tuple(config.data.image_size),
+        head={k: m[k] for k in HEAD_KEYS},
+        dtype=m.dtype,
+        depthwise_impl=m.depthwise_impl,
+        rngs=nnx.Rngs(params=seed),
+    )
+
+
+def split_model(model: GradModel):
+    """(graphdef, backbone state, trainable params, batch stats): the functional boundary."""
+    return nnx.split(model, nnx.PathContains("backbone"), nnx.Param, nnx.BatchStat)
+
+
+def merge(graphdef, *states):
+    """nnx.merge on fresh Variable objects.
+
+    The module may then update its batch statistics inside any trace (jit, grad) without
+    mutating, or tripping over, the caller's state objects.
+    """
+    return nnx.merge(graphdef, *jax.tree.map(lambda leaf: leaf, states))

