@@ -43,7 +43,15 @@ setup(
     packages=find_packages(
         include=["grad_jax", "grad_jax.*", "tfds_mvtec", "tfds_mvtec.*", "configs"]
     ),
-    package_data={"tfds_mvtec": ["*/CITATIONS.bib", "*/checksums.tsv", "*/dummy_data/**/*"]},
+    package_data={
+        "tfds_mvtec": [
+            "*/CITATIONS.bib",
+            "*/README.md",
+            "*/TAGS.txt",
+            "*/checksums.tsv",
+            "*/dummy_data/**/*",
+        ]
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={
