@@ -67,9 +67,7 @@ def test_lookup_gradient_matches_finite_differences():
     f = lambda p: jnp.sum(grid_ops.bilinear_lookup(grid, p) * jnp.asarray([1.0, -2.0]))
     grad = np.asarray(jax.grad(f)(point))
     eps = 1e-3
-    fd = [
-        (f(point.at[i].add(eps)) - f(point.at[i].add(-eps))) / (2 * eps) for i in range(2)
-    ]
+    fd = [(f(point.at[i].add(eps)) - f(point.at[i].add(-eps))) / (2 * eps) for i in range(2)]
     np.testing.assert_allclose(grad, np.asarray(fd), rtol=1e-2)
 
 
@@ -109,8 +107,9 @@ def test_resize_align_corners_against_numpy():
     np.testing.assert_allclose(up[0, 27, 27], y[0, 13, 13], atol=1e-6)
 
 
-@pytest.mark.parametrize("stride,pad", [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1))),
-                                        (2, ((2, 2), (2, 2)))])
+@pytest.mark.parametrize(
+    "stride,pad", [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1))), (2, ((2, 2), (2, 2)))]
+)
 def test_depthwise_formulations_agree(stride, pad):
     rng = np.random.default_rng(4)
     k = 5 if pad[0][0] == 2 else 3

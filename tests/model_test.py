@@ -60,8 +60,9 @@ def test_forward_shapes_and_eval_determinism():
     # refinement identities: x_hat - x = (1 - s)(r - x); d = |1 - s| * ||r - x||
     s = np.asarray(a.similarity)[..., None]
     diff = np.asarray(a.feature_rec - a.feature_align)
-    np.testing.assert_allclose(diff, (1 - s) * np.asarray(a.reconstruction - a.feature_align),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        diff, (1 - s) * np.asarray(a.reconstruction - a.feature_align), atol=1e-5
+    )
     norm = np.linalg.norm(np.asarray(a.reconstruction - a.feature_align), axis=-1)
     np.testing.assert_allclose(np.asarray(a.distance), np.abs(1 - s[..., 0]) * norm, rtol=1e-4)
 

@@ -122,3 +122,20 @@ def merge(graphdef, *states):
     mutating, or tripping over, the caller's state objects.
     """
     return nnx.merge(graphdef, *jax.tree.map(lambda leaf: leaf, states))
+
+
+def to_flat(state: nnx.State) -> dict[str, jax.Array]:
+    """An nnx.State as a flat dict keyed 'head.bottlenecks.0.expand.kernel' (arrays only).
+
+    Training, optimiser, sharding and checkpoint code all work on these flat dicts: they are
+    plain pytrees with string keys, which Orbax and optax handle without special cases.
+    """
+    return {".".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def from_flat(template: nnx.State, flat: dict[str, jax.Array]) -> nnx.State:
+    """The inverse of `to_flat`, using `template` for the structure and variable types."""
+    items = []
+    for path, var in nnx.to_flat_state(template):
+        items.append((path, var.replace(flat[".".join(map(str, path))])))
+    return nnx.from_flat_state(items)

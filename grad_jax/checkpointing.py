@@ -1,0 +1,153 @@
+"""Orbax checkpoints of a grad_jax run: the only module that knows Orbax.
+
+A checkpoint (`<workdir>/checkpoints/<step>/`) holds four items:
+- `model`: trainable params and BN statistics (flat string-keyed dicts);
+- `train`: the optimiser state and step counter (not needed for inference);
+- `backbone`: the frozen backbone's variables, so a workdir is self-contained (evaluation and
+  prediction need neither the original .pth file nor the internet);
+- `meta`: JSON with the model fingerprint (everything that fixes a shape), the epoch, and the
+  decision threshold once training has finished.
+
+Orbax writes each step to a temporary folder and renames it when complete, so a process killed
+mid-save never leaves a checkpoint that looks whole. A checkpoint that is nevertheless corrupt
+(damaged on disk) is skipped with a warning and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+# Config fields that decide a variable's shape or meaning; a checkpoint must agree on all.
+FINGERPRINT_FIELDS = (
+    "model.backbone",
+    "model.out_layers",
+    "model.out_stride",
+    "model.local_resol",
+    "model.global_resol",
+    "model.layers",
+    "model.ch_exp",
+    "data.image_size",
+)
+
+
+ITEMS = ("model", "train", "backbone")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written by a run with another model configuration."""
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    out = {}
+    for field in FINGERPRINT_FIELDS:
+        value: Any = config
+        for part in field.split("."):
+            value = value[part]
+        out[field] = list(value) if isinstance(value, tuple | list) else value
+    return out
+
+
+def check_fingerprint(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str):
+    current = fingerprint(config)
+    diffs = [
+        f"{k}: checkpoint has {saved.get(k)!r}, config has {v!r}"
+        for k, v in current.items()
+        if saved.get(k) != v
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{where} was written for another model configuration:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse the config it was trained with, or a new --workdir for this one."
+        )
+
+
+class Checkpoints:
+    """Save and restore the training state of one workdir."""
+
+    def __init__(self, workdir: str, keep: int = 2):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(max(1, keep)),
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=ITEMS + ("meta",)
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, items: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Save `items` (a dict over ITEMS of pytrees) and `meta` as checkpoint `step`."""
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        self.manager.save(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True
+        )
+        self.manager.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore(
+        self,
+        templates: dict[str, Any],
+        config: ml_collections.ConfigDict,
+        step: int | None = None,
+    ) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        """(step, items, meta) of `step`, or of the newest readable checkpoint.
+
+        `templates` names the items to read (a subset of ITEMS) with concrete or abstract
+        (`jax.ShapeDtypeStruct`, with shardings) pytrees of the expected structure.
+        """
+        steps = [step] if step is not None else self.steps()[::-1]
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract = {
+            name: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+            for name, tree in templates.items()
+        }
+        errors = []
+        for s in steps:
+            where = os.path.join(self.directory, str(s))
+            try:
+                meta = self.read_meta(s)
+            except Exception as err:  # noqa: BLE001 - any damage means: try the previous one
+                errors.append(f"step {s}: {type(err).__name__}: {err}")
+                log.warning("checkpoint %s is unreadable (%s); trying an older one", where, err)
+                continue
+            check_fingerprint(meta.get("fingerprint", {}), config, where)
+            try:
+                restored = self.manager.restore(
+                    s,
+                    args=ocp.args.Composite(
+                        **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+                    ),
+                )
+                items = {k: restored[k] for k in abstract}
+            except Exception as err:  # noqa: BLE001
+                errors.append(f"step {s}: {type(err).__name__}: {err}")
+                log.warning("checkpoint %s is damaged (%s); trying an older one", where, err)
+                continue
+            if errors:
+                log.warning("restored step %d after skipping: %s", s, "; ".join(errors))
+            return s, items, meta
+        raise RuntimeError(f"no readable checkpoint in {self.directory}:\n  " + "\n  ".join(errors))
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,240 @@
+"""Datasets and batches: TFDS data sources read through grain.
+
+Every dataset (MVTec AD categories, any MVTec-layout folder, the embedded demo) is first built
+with the `tfds_mvtec` builders into array_record files, then read by random access with
+`builder.as_data_source()`. grain maps the decode/resize over a per-epoch index order and
+batches it on background threads.
+
+Images leave the pipeline as uint8 `[B, H, W, 3]` at the configured size (Pillow bilinear, which
+antialiases on downscale exactly as the reference's torchvision Resize on PIL images does);
+masks as uint8 `[B, H, W]` in {0, 1} (Pillow nearest). The backbone's normalisation runs on the
+device, as the first operation of the jitted program, so only uint8 crosses to the device.
+
+Order: one global permutation per epoch (seeded by (seed, epoch)); global batch i is rows
+[i*B, (i+1)*B) of it, and each process reads its own contiguous slice of every global batch. The
+batches are therefore the same whatever the number of processes or devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+
+@dataclasses.dataclass
+class CategoryData:
+    name: str
+    train: Any  # random-access source of records
+    test: Any
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The configured data is not there; the message says what to download and where."""
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _folder_categories(root: pathlib.Path) -> list[pathlib.Path]:
+    """`root` itself if it is one MVTec-layout category, else its category subfolders."""
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return [root]
+    found = sorted(p for p in root.iterdir() if p.is_dir() and (p / "train").is_dir())
+    return found or [root]  # let the layout check explain what is missing
+
+
+def default_data_dir() -> str:
+    return os.environ.get(
+        "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    )
+
+
+def open_categories(config: ml_collections.ConfigDict) -> list[CategoryData]:
+    """Build (once) and open every category the config names."""
+    import tfds_mvtec
+
+    d = config.data
+    data_dir = d.data_dir or default_data_dir()
+    if d.dataset == "mvtec_ad":
+        manual_dir = d.root or os.path.join(data_dir, "downloads", "manual")
+        targets = [(c, c) for c in d.categories]
+    elif d.dataset in ("folder", "demo"):
+        if d.dataset == "demo":
+            from grad_jax import demo_data
+
+            root = demo_data.ensure_demo_dataset(d.root)
+        else:
+            if not d.root:
+                raise DataNotFoundError(
+                    "config.data.root is not set: pass --config.data.root=PATH to a folder in "
+                    "the MVTec AD layout (PATH/train/good/*.png, PATH/test/<defect>/*.png, "
+                    "PATH/ground_truth/<defect>/*_mask.png)"
+                )
+            root = pathlib.Path(d.root)
+            if not root.is_dir():
+                raise DataNotFoundError(
+                    f"data folder {root} does not exist (config.data.root); point "
+                    "--config.data.root at an MVTec-layout category folder"
+                )
+        manual_dir = None
+        targets = [(p.name, str(p)) for p in _folder_categories(pathlib.Path(root))]
+    else:
+        raise ValueError(
+            f"config.data.dataset={d.dataset!r}: expected 'mvtec_ad', 'folder' or 'demo'"
+        )
+    out = []
+    for name, target in targets:
+        builder = tfds_mvtec.prepare(
+            target, data_dir, manual_dir=manual_dir, skip_bad_images=d.skip_bad_images
+        )
+        sources = builder.as_data_source()
+        out.append(CategoryData(name, sources["train"], sources["test"]))
+    return out
+
+
+def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """HxWx3 uint8 -> size (h, w) with Pillow bilinear (antialiased when shrinking)."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """HxW(x1) uint8 -> size (h, w) in {0, 1}, nearest neighbour as the reference."""
+    m = mask[..., 0] if mask.ndim == 3 else mask
+    h, w = size
+    if m.shape != (h, w):
+        m = np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST))
+    return (m > 0).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    category: int  # index into the list of categories
+    index: int  # index in that category's split
+
+
+class IndexedSource:
+    """Random access over chosen (category, index) items of several sources, decoded."""
+
+    def __init__(self, sources: Sequence[Any], items: Sequence[Item], image_size, names):
+        self.sources = sources
+        self.items = list(items)
+        self.image_size = tuple(image_size)
+        self.names = list(names)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        record = self.sources[item.category][item.index]
+        image = np.asarray(record["image"])
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        return {
+            "image": resize_image(image[..., :3], self.image_size),
+            "mask": resize_mask(np.asarray(record["mask"]), self.image_size),
+            "label": np.int32(record["label"]),
+            "category": np.int32(item.category),
+            "position": np.int32(i),
+            "filename": f"{self.names[item.category]}/{_text(record['filename'])}",
+        }
+
+
+def _stack(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def batches(
+    source: IndexedSource,
+    order: Sequence[int],
+    global_batch: int,
+    *,
+    split_processes: bool = True,
+    threads: int = 4,
+    workers: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `order` (positions into `source`), decoded on background threads.
+
+    With `split_processes`, each process gets its contiguous share of every global batch (the
+    last may be smaller; its size must divide by the process count, see `epoch_order`);
+    otherwise every process reads whole batches.
+    """
+    order = np.asarray(order, np.int64)
+    processes, rank = (jax.process_count(), jax.process_index()) if split_processes else (1, 0)
+    local_order = []
+    for start in range(0, len(order), global_batch):
+        chunk = order[start : start + global_batch]
+        share = len(chunk) // processes
+        local_order.append(chunk[rank * share : (rank + 1) * share])
+    sizes = [len(c) for c in local_order]
+    flat = np.concatenate(local_order) if local_order else np.zeros((0,), np.int64)
+    ds = grain.MapDataset.source(_Take(source, flat)).map(lambda x: x)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64))
+    if workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    iterator = iter(it)
+    for size in sizes:
+        yield _stack([next(iterator) for _ in range(size)])
+
+
+class _Take:
+    def __init__(self, source: IndexedSource, positions: np.ndarray):
+        self.source = source
+        self.positions = positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.source[int(self.positions[i])]
+
+
+def epoch_order(n: int, seed: int, epoch: int, global_batch: int, devices: int) -> np.ndarray:
+    """The training order of one epoch.
+
+    A fresh permutation per (seed, epoch), like DistributedSampler(shuffle=True, seed) with
+    set_epoch. Batches are full except the last; its size is cut to a multiple of the device
+    count so it can be split evenly (at most devices-1 samples skipped in that epoch).
+    """
+    perm = np.random.default_rng([seed, epoch, 20240229]).permutation(n)
+    full = n // global_batch * global_batch
+    tail = (n - full) // devices * devices
+    return perm[: full + tail]
+
+
+def split_holdout(
+    categories: Sequence[CategoryData], fraction: float, seed: int
+) -> tuple[list[Item], list[Item]]:
+    """(train items, held-out normal items) over all categories' train splits.
+
+    The held-out images (a fixed, seeded `fraction` of each category, at least one when the
+    fraction is positive) are never trained on: they set the decision threshold.
+    """
+    train, held = [], []
+    for c, cat in enumerate(categories):
+        n = len(cat.train)
+        k = int(round(n * fraction)) if fraction > 0 else 0
+        if fraction > 0:
+            k = min(max(k, 1), n - 1)
+        perm = np.random.default_rng([seed, c, 7]).permutation(n)
+        held_idx = set(perm[:k].tolist())
+        for i in range(n):
+            (held if i in held_idx else train).append(Item(c, i))
+    return train, held
+
+
+def test_items(categories: Sequence[CategoryData], c: int) -> list[Item]:
+    return [Item(c, i) for i in range(len(categories[c].test))]

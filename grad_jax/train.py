@@ -1,0 +1,483 @@
+"""train_and_evaluate(config, workdir): data, state, the sharded training step, checkpoints.
+
+The trainable state (head params, BN statistics, optimiser state, step) is separate from the
+frozen backbone, which is passed to the step as a constant. The step is `jax.jit` with
+`in_shardings` / `out_shardings` over a `Mesh` with a `data` axis (pjit-style), with the state
+donated. Without augmentation the backbone's features of a training image never change, so by
+default they are computed once and cached on the host; later epochs train the head alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import auto as tqdm
+
+from grad_jax import checkpointing, evaluate, input_pipeline, sharding
+from grad_jax import workdir as wd
+from grad_jax.models.grad_head import feature_loss
+from grad_jax.models.model import build_model, split_model, to_flat
+from grad_jax.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the message names the step and the batch's files."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted functions
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_step(
+    variables: wd.ModelVariables, tx, mesh, from_features: bool, seed: int
+) -> Callable:
+    """step(state, backbone, batch) -> (state, metrics). Batch: 'image' or 'feature_<i>'."""
+    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    base_key = jax.random.key(seed)
+
+    def step(state, backbone, batch):
+        noise_key = jax.random.fold_in(base_key, state["step"])
+
+        def loss_fn(params):
+            model = variables.merge(backbone, params, state["batch_stats"])
+            if from_features:
+                feats = [batch[f"feature_{i}"] for i in range(len(model.backbone.out_blocks))]
+                out = model.from_features(feats, train=True, noise_key=noise_key)
+            else:
+                out = model(batch["image"], train=True, noise_key=noise_key)
+            new_stats = to_flat(split_model(model)[3])
+            return feature_loss(out), new_stats
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": params,
+            "batch_stats": stats,
+            "opt_state": opt_state,
+        }
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return new_state, {"loss": loss, "grad_norm": grad_norm}
+
+    return jax.jit(
+        step,
+        in_shardings=(rep, rep, data),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+
+
+def make_extract_fn(variables: wd.ModelVariables, mesh) -> Callable:
+    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+    def extract(backbone, images):
+        model = variables.merge(backbone=backbone)
+        return model.extract(images)
+
+    return jax.jit(extract, in_shardings=(rep, data), out_shardings=data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature cache
+# ---------------------------------------------------------------------------------------------
+
+
+def feature_shapes(variables: wd.ModelVariables, config) -> list[tuple[int, ...]]:
+    h, w = config.data.image_size
+    shapes = jax.eval_shape(
+        lambda b, x: variables.merge(backbone=b).extract(x),
+        variables.backbone,
+        jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8),
+    )
+    return [tuple(s.shape[1:]) for s in shapes]
+
+
+def use_cache(config, shapes, n: int) -> bool:
+    mode = config.train.cache_features
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"config.train.cache_features={mode!r}: expected 'auto', 'on' or 'off'")
+    gigabytes = n * sum(math.prod(s) for s in shapes) * 4 / 2**30
+    if mode == "auto":
+        fits = gigabytes <= config.train.cache_max_gb
+        log.info(
+            "feature cache: %.2f GB for %d images -> %s", gigabytes, n, "on" if fits else "off"
+        )
+        return fits
+    return mode == "on"
+
+
+def build_feature_cache(
+    extract, backbone, source, config, mesh, shapes
+) -> tuple[list[np.ndarray], list[str]]:
+    """Backbone features and file names of every training image, in `source` order, on every
+    process."""
+    n = len(source)
+    cache = [np.zeros((n,) + s, np.float32) for s in shapes]
+    filenames = [""] * n
+    devices = jax.device_count()
+    batch = max(config.train.batch_size, devices)
+    bar = tqdm.tqdm(total=n, desc="caching backbone features", disable=jax.process_index() != 0)
+    # every process reads whole batches and gives the devices its share (see evaluate.py)
+    for inputs in input_pipeline.batches(source, np.arange(n), batch, split_processes=False):
+        images = inputs["image"]
+        count = len(images)
+        pad = -count % devices
+        if pad:
+            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+        share = len(images) // jax.process_count()
+        rank = jax.process_index()
+        local = images[rank * share : (rank + 1) * share]
+        feats = extract(backbone, sharding.global_batch({"x": local}, mesh)["x"])
+        if jax.process_count() > 1:
+            feats = multihost_utils.process_allgather(feats, tiled=True)
+        for c, f in zip(cache, feats, strict=True):
+            c[inputs["position"]] = np.asarray(f)[:count]
+        for p, name in zip(inputs["position"], inputs["filename"], strict=True):
+            filenames[int(p)] = str(name)
+        bar.update(count)
+    bar.close()
+    return cache, filenames
+
+
+# ---------------------------------------------------------------------------------------------
+# Run records
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step; truncated to the resumed step."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (ValueError, KeyError):
+                        break  # a line cut by a kill: drop it and what follows
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and stops."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stop = True
+        log.warning("signal %d: saving a checkpoint and stopping (send again to abort)", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate(config) -> None:
+    if config.train.epochs <= 0:
+        raise ConfigError(f"config.train.epochs={config.train.epochs} must be positive")
+    try:
+        sharding.check_batch_size(config.train.batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if config.eval.batch_size <= 0:
+        raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} must be positive")
+    if not 0 <= config.threshold.holdout_fraction < 1:
+        raise ConfigError("config.threshold.holdout_fraction must be in [0, 1)")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (resuming from the latest checkpoint), set the threshold, evaluate, report."""
+    sharding.maybe_initialize_distributed()
+    _validate(config)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        wd.write_config(config, workdir)
+
+    categories = input_pipeline.open_categories(config)
+    names = [c.name for c in categories]
+    train_items, held_items = input_pipeline.split_holdout(
+        categories, config.threshold.holdout_fraction, config.seed
+    )
+    sources = [c.train for c in categories]
+    train_source = input_pipeline.IndexedSource(sources, train_items, config.data.image_size, names)
+    n_train = len(train_source)
+    if n_train == 0:
+        raise ValueError("no training images after the hold-out split")
+    global_batch = config.train.batch_size
+    devices = jax.device_count()
+    steps_per_epoch = len(
+        range(
+            0, len(input_pipeline.epoch_order(n_train, 0, 0, global_batch, devices)), global_batch
+        )
+    )
+    total_steps = steps_per_epoch * config.train.epochs
+
+    ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints)
+    resuming = ckpt.latest_step() is not None
+    if resuming:
+        config.model.random_backbone = True  # the checkpoint holds the backbone
+        model = build_model(config, seed=config.seed)
+    else:
+        model = wd.create_model(config)
+    variables = wd.ModelVariables.from_model(model)
+    del model
+    tx, schedules = make_optimizer(config.train, steps_per_epoch, variables.params)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": variables.params,
+        "batch_stats": variables.batch_stats,
+        "opt_state": tx.init(variables.params),
+    }
+    meta: dict[str, Any] = {}
+    start_step = 0
+    if resuming:
+        templates = {
+            "model": {"params": state["params"], "batch_stats": state["batch_stats"]},
+            "train": {"step": state["step"], "opt_state": state["opt_state"]},
+            "backbone": variables.backbone,
+        }
+        start_step, items, meta = ckpt.restore(templates, config)
+        state = {**items["model"], **items["train"]}
+        variables.backbone = items["backbone"]
+        log.info("resuming from step %d (%s)", start_step, ckpt.directory)
+
+    mesh = sharding.make_mesh()
+    state = sharding.replicate(state, mesh)
+    backbone = sharding.replicate(variables.backbone, mesh)
+
+    def save(step: int, state, final: bool = False, extra: dict[str, Any] | None = None) -> None:
+        record = {
+            "fingerprint": checkpointing.fingerprint(config),
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "final": final,
+            **(extra or {}),
+        }
+        items = {
+            "model": {"params": state["params"], "batch_stats": state["batch_stats"]},
+            "train": {"step": state["step"], "opt_state": state["opt_state"]},
+            "backbone": backbone,
+        }
+        ckpt.save(step, items, record)
+
+    done = bool(meta.get("final")) and start_step >= total_steps
+    metrics_log = MetricsLog(workdir, start_step)
+    if not done:
+        state = _train_loop(
+            config, variables, tx, schedules, mesh, state, backbone,
+            train_source, steps_per_epoch, start_step, metrics_log, save,
+        )  # fmt: skip
+
+    # Threshold from held-out normal images, with the final model.
+    predict_vars = wd.ModelVariables(
+        variables.graphdef, variables.templates, backbone, state["params"], state["batch_stats"]
+    )
+    predict = evaluate.make_predict_fn(predict_vars, config, mesh)
+    if not done:
+        threshold = _threshold(predict, categories, held_items, config)
+        save(total_steps, state, final=True, extra={"threshold": threshold})
+        meta = {"threshold": threshold}
+    ckpt.close()
+
+    results = evaluate.evaluate_categories(predict, categories, config)
+    values, notes = evaluate.compute_metrics(results, config)
+    info = {
+        "model": f"final (epoch {config.train.epochs}), not selected on the test set",
+        "threshold": meta.get("threshold"),
+        "step": total_steps,
+    }
+    if is_main:
+        evaluate.write_metrics(workdir, values, notes, info)
+        print(evaluate.metrics.format_table(values))
+        for note in notes:
+            print("note:", note)
+        try:
+            from grad_jax import visualize
+
+            visualize.write_report(workdir, results, values, meta.get("threshold"))
+        except ImportError:  # pragma: no cover - report module optional during development
+            pass
+    return values
+
+
+def _threshold(predict, categories, held_items, config) -> dict[str, Any] | None:
+    if not held_items:
+        log.info("no held-out images (threshold.holdout_fraction = 0): no decision threshold")
+        return None
+    names = [c.name for c in categories]
+    source = input_pipeline.IndexedSource(
+        [c.train for c in categories], held_items, config.data.image_size, names
+    )
+    scores = evaluate.score_items(predict, source, config.eval.batch_size, "threshold")
+    q = config.threshold.quantile
+    per_category = {}
+    for c, name in enumerate(names):
+        mine = scores[[i for i, item in enumerate(held_items) if item.category == c]]
+        if len(mine):
+            per_category[name] = float(np.quantile(mine, q))
+    return {
+        "image_score": float(np.quantile(scores, q)),
+        "quantile": q,
+        "num_images": len(scores),
+        "per_category": per_category,
+        "source": "held-out normal training images (never trained on)",
+    }
+
+
+def _train_loop(
+    config, variables, tx, schedules, mesh, state, backbone, train_source,
+    steps_per_epoch, start_step, metrics_log, save,
+):  # fmt: skip
+    """Run the remaining epochs; returns the final state."""
+    n_train = len(train_source)
+    global_batch = config.train.batch_size
+    devices = jax.device_count()
+    shapes = feature_shapes(variables, config)
+    cached = use_cache(config, shapes, n_train)
+    cache = names = None
+    if cached:
+        extract = make_extract_fn(variables, mesh)
+        cache, names = build_feature_cache(extract, backbone, train_source, config, mesh, shapes)
+    step_fn = make_train_step(variables, tx, mesh, cached, config.seed)
+
+    start_epoch = start_step // steps_per_epoch
+    step = start_step
+    pending = None  # (step, metrics, filenames): checked one step late to keep the device busy
+    with StopFlag() as stop:
+        for epoch in range(start_epoch, config.train.epochs):
+            order = input_pipeline.epoch_order(n_train, config.seed, epoch, global_batch, devices)
+            skip = (step - epoch * steps_per_epoch) * global_batch
+            order = order[skip:]
+            if cached:
+                local_batches = _cached_batches(cache, names, order, global_batch)
+            else:
+                local_batches = input_pipeline.batches(
+                    train_source, order, global_batch, workers=config.data.num_workers
+                )
+            bar = tqdm.tqdm(
+                total=steps_per_epoch,
+                initial=step - epoch * steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{config.train.epochs}",
+                disable=jax.process_index() != 0,
+                leave=False,
+            )
+            t0, images_seen = time.time(), 0
+            for local in local_batches:
+                filenames = local.pop("filename")
+                local.pop("mask", None)
+                local.pop("label", None)
+                local.pop("category", None)
+                local.pop("position", None)
+                batch = sharding.global_batch(local, mesh)
+                state, step_metrics = step_fn(state, backbone, batch)
+                if pending is not None:
+                    _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
+                images_seen += len(filenames) * jax.process_count()
+                step += 1
+                pending = (step, step_metrics, filenames, images_seen / (time.time() - t0))
+                bar.update(1)
+                if stop.stop:
+                    _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
+                    save(step, state)
+                    raise Interrupted(
+                        f"stopped at step {step}; run the same command again to continue"
+                    )
+            bar.close()
+            if pending is not None:
+                _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
+                pending = None
+            every = config.train.checkpoint_every_epochs
+            last_epoch = epoch + 1 == config.train.epochs
+            if not last_epoch and every > 0 and (epoch + 1) % every == 0:
+                save(step, state)
+    return state
+
+
+def _cached_batches(cache, names, order, global_batch):
+    processes, rank = jax.process_count(), jax.process_index()
+    for start in range(0, len(order), global_batch):
+        chunk = order[start : start + global_batch]
+        share = len(chunk) // processes
+        mine = chunk[rank * share : (rank + 1) * share]
+        batch = {f"feature_{i}": c[mine] for i, c in enumerate(cache)}
+        batch["filename"] = [names[int(p)] for p in mine]
+        yield batch
+
+
+def _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch) -> None:
+    step, step_metrics, filenames, rate = pending
+    loss = float(step_metrics["loss"])
+    if not np.isfinite(loss):
+        shown = ", ".join(list(filenames)[:16])
+        raise NonFiniteLossError(
+            f"loss became {loss} at step {step} (epoch {(step - 1) // steps_per_epoch + 1}); "
+            f"batch files: {shown}. The last good checkpoint is kept; check these images or "
+            "lower the learning rates."
+        )
+    if step % config.train.log_every_steps == 0 or step == 1:
+        metrics_log.write(
+            {
+                "step": step,
+                "epoch": (step - 1) // steps_per_epoch,
+                "loss": loss,
+                "grad_norm": float(step_metrics["grad_norm"]),
+                "lr_grid": float(schedules["grid"](step - 1)),
+                "lr_net": float(schedules["net"](step - 1)),
+                "images_per_s": rate,
+            }
+        )
