@@ -27,8 +27,9 @@ def maybe_initialize_distributed() -> None:
         return
     coordinator = os.environ.get("GRAD_JAX_COORDINATOR")
     if coordinator:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU devices need a collectives library to talk across processes; the setting only
+        # concerns the CPU backend (and must be made before any backend starts).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=int(os.environ["GRAD_JAX_NUM_PROCESSES"]),
@@ -71,4 +72,10 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, replicated(mesh))
+    """Place a host-side pytree (the same on every process) replicated on every device.
+
+    Leaves go through NumPy: a single-device jax.Array put on a multi-process sharding would
+    not become a proper global array.
+    """
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)

@@ -209,6 +209,9 @@ class StopFlag:
                 pass
         return self
 
+    def requested(self) -> bool:
+        return self.stop
+
     def _handle(self, signum, frame):
         if self.stop:  # a second signal: stop now
             raise KeyboardInterrupt
@@ -431,7 +434,7 @@ def _train_loop(
                 step += 1
                 pending = (step, step_metrics, filenames, images_seen / (time.time() - t0))
                 bar.update(1)
-                if stop.stop:
+                if stop.requested():
                     _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
                     save(step, state)
                     raise Interrupted(
