@@ -8,6 +8,7 @@ and tested for equality against the others. Layout is NHWC; kernels are stored a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -60,6 +61,13 @@ def depthwise(
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=channels,
         )
+    if stride == 1 and k_h == k_w and padding == ((k_h // 2,) * 2, (k_w // 2,) * 2):
+        return _depthwise_same(x, kernel)
+    return _shifted_sum(x, kernel, stride, padding)
+
+
+def _shifted_sum(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
+    k_h, k_w, _ = kernel.shape
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     out_h = (xp.shape[1] - k_h) // stride + 1
     out_w = (xp.shape[2] - k_w) // stride + 1
@@ -75,6 +83,43 @@ def depthwise(
             term = window * kernel[dy, dx]
             out = term if out is None else out + term
     return out
+
+
+@jax.custom_vjp
+def _depthwise_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 'same' depthwise conv (odd square kernel) with a hand-written backward pass.
+
+    The input gradient is the same shifted sum with the kernel flipped, and the kernel gradient
+    k*k products with shifted inputs; autodiff of the slices instead produces k*k padded copies
+    and recomputes the forward pass inside them, about 3x slower on XLA:CPU.
+    """
+    k = kernel.shape[0] // 2
+    return _shifted_sum(x, kernel, 1, ((k, k), (k, k)))
+
+
+def _depthwise_same_fwd(x, kernel):
+    return _depthwise_same(x, kernel), (x, kernel)
+
+
+def _depthwise_same_bwd(residuals, g):
+    x, kernel = residuals
+    size = kernel.shape[0]
+    k = size // 2
+    dx = _shifted_sum(g, kernel[::-1, ::-1], 1, ((k, k), (k, k)))
+    xp = jnp.pad(x, ((0, 0), (k, k), (k, k), (0, 0)))
+    h, w, c = g.shape[1], g.shape[2], g.shape[3]
+    g2 = g.reshape(-1, c)
+    rows = []
+    for dy in range(size):
+        cols = [
+            jnp.sum((xp[:, dy : dy + h, dx : dx + w, :].reshape(-1, c) * g2), axis=0)
+            for dx in range(size)
+        ]
+        rows.append(jnp.stack(cols))
+    return dx, jnp.stack(rows).astype(kernel.dtype)
+
+
+_depthwise_same.defvjp(_depthwise_same_fwd, _depthwise_same_bwd)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding, dtype=None) -> jax.Array:
@@ -162,20 +207,59 @@ class BatchNorm(nnx.Module):
             shift = self.bias[...] - self.mean[...] * inv
             return x * inv.astype(dtype) + shift.astype(dtype)
         xf = x.astype(jnp.float32)
-        batch = xf.shape[0]
+        batch, channels = xf.shape[0], xf.shape[-1]
         groups = batch // group_size if group_size and batch % group_size == 0 else 1
-        xg = xf.reshape((groups, batch // groups) + xf.shape[1:])
-        axes = tuple(range(1, xg.ndim - 1))
-        mean = jnp.mean(xg, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
-        y = (xg - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-        count = int(np.prod([xg.shape[a] for a in axes]))
+        xg = xf.reshape(groups, -1, channels)
+        if groups == 1:  # 2-D reductions: a leading unit axis defeats XLA:CPU's parallel loops
+            y, mean, var = _batch_norm_train(xg[0], self.scale[...], self.bias[...], self.eps)
+            mean, var = mean[None], var[None]
+        else:
+            y, mean, var = jax.vmap(_batch_norm_train, in_axes=(0, None, None, None))(
+                xg, self.scale[...], self.bias[...], self.eps
+            )
+        count = xg.shape[1]
         unbiased = var * (count / max(count - 1, 1))
-        reduce_axes = (0,) + axes
         m = self.momentum
-        self.mean[...] = (1 - m) * self.mean[...] + m * jnp.mean(mean, axis=reduce_axes)
-        self.var[...] = (1 - m) * self.var[...] + m * jnp.mean(unbiased, axis=reduce_axes)
+        self.mean[...] = (1 - m) * self.mean[...] + m * jnp.mean(mean, axis=0)
+        self.var[...] = (1 - m) * self.var[...] + m * jnp.mean(unbiased, axis=0)
         return y.reshape(x.shape).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x, scale, bias, eps):
+    """Normalise `[N, C]` per channel with the biased variance.
+
+    Returns (y, mean `[C]`, var `[C]`). The hand-written backward pass (two reductions and
+    one elementwise pass) runs about 4x faster on XLA:CPU than the one autodiff derives, and BN
+    sits three times in every fusion bottleneck.
+    """
+    return _batch_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, eps):
+    mean = jnp.mean(x, axis=0)
+    centered = x - mean
+    var = jnp.mean(jnp.square(centered), axis=0)  # two-pass, as torch, for stability
+    inv = jax.lax.rsqrt(var + eps)
+    x_hat = centered * inv
+    return (x_hat * scale + bias, mean, var), (x_hat, inv, scale)
+
+
+def _batch_norm_bwd(eps, residuals, cotangents):
+    del eps
+    x_hat, inv, scale = residuals
+    g, g_mean, g_var = cotangents
+    n = x_hat.shape[0]
+    sum_g = jnp.sum(g, axis=0)
+    sum_g_xhat = jnp.sum(g * x_hat, axis=0)
+    dx = (scale * inv / n) * (n * g - sum_g - x_hat * sum_g_xhat)
+    # The statistics are outputs too (for the running averages); their cotangents are zero in
+    # training, but stay correct if something differentiates through them.
+    dx = dx + g_mean / n + g_var * 2.0 * x_hat / (inv * n)
+    return dx, sum_g_xhat, sum_g
+
+
+_batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def hard_swish(x: jax.Array) -> jax.Array:
