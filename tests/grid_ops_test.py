@@ -149,7 +149,7 @@ def test_batch_norm_gradients_match_autodiff():
         bn = layers.BatchNorm(5, eps=1e-5)
         graph, params, rest = nnx.split(bn, nnx.Param, ...)
 
-        def ours(p, x, group=group):
+        def ours(p, x, group=group, graph=graph, rest=rest):
             return jnp.sum(merge(graph, p, rest)(x, train=True, group_size=group) * cot)
 
         def plain(p, x, group=group):  # straightforward formula, differentiated by JAX

@@ -19,14 +19,18 @@ WORKER = str(ROOT / "tests" / "train_worker.py")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """16 training images of one class (4 steps of 4 per epoch), built into TFDS once."""
-    from grad_jax import demo_data
-
     import tfds_mvtec
+    from grad_jax import demo_data
 
     base = tmp_path_factory.mktemp("data")
     demo_data.generate_demo_dataset(
-        base / "demo", classes=("hex_nut",), num_train=16, num_test_good=3, num_test_defect=2,
-        image_size=80, progress=False,
+        base / "demo",
+        classes=("hex_nut",),
+        num_train=16,
+        num_test_good=3,
+        num_test_defect=2,
+        image_size=80,
+        progress=False,
     )
     root, tfds_dir = str(base / "demo" / "hex_nut"), str(base / "tfds")
     tfds_mvtec.prepare(root, tfds_dir)
@@ -50,7 +54,9 @@ def test_run_records_and_eval_mode(reference_run, data):
     records = losses(workdir)
     assert [r["step"] for r in records] == list(range(1, 9))  # 2 epochs x 4 steps, every step
     assert set(records[0]) >= {"step", "epoch", "loss", "lr_grid", "lr_net", "images_per_s"}
-    assert records[0]["lr_grid"] == pytest.approx(0.1) and records[0]["lr_net"] == pytest.approx(1e-3)
+    assert records[0]["lr_grid"] == pytest.approx(0.1) and records[0]["lr_net"] == pytest.approx(
+        1e-3
+    )
     with open(os.path.join(workdir, "metrics.json")) as f:
         saved = json.load(f)
     for key in ("hex_nut/image_auroc", "mean/image_auroc", "mean/pixel_auroc", "mean/pixel_aupro"):
@@ -98,7 +104,10 @@ def _run_worker(workdir, data, env_extra, epochs=2):
     env = dict(os.environ, JAX_PLATFORMS="cpu", **env_extra)
     return subprocess.Popen(
         [sys.executable, WORKER, workdir, *data, str(epochs)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -125,14 +134,18 @@ def test_two_processes_match_one(reference_run, data, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [
-        _run_worker(workdir, data, {
-            "GRAD_JAX_COORDINATOR": f"127.0.0.1:{port}",
-            "GRAD_JAX_NUM_PROCESSES": "2",
-            "GRAD_JAX_PROCESS_ID": str(rank),
-        })
+        _run_worker(
+            workdir,
+            data,
+            {
+                "GRAD_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                "GRAD_JAX_NUM_PROCESSES": "2",
+                "GRAD_JAX_PROCESS_ID": str(rank),
+            },
+        )
         for rank in range(2)
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
+    for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     _assert_same_losses(losses(workdir), losses(ref_dir))
