@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -299,3 +300,145 @@ def load_crad_checkpoint(model, path: str) -> dict[str, Any]:
             if isinstance(value, int | float | str | np.generic):
                 meta[key] = value.item() if isinstance(value, np.generic) else value
     return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+USAGE = """\
+python -m grad_jax.convert --torch-checkpoint=ckpt_best.pth.tar --config=configs/unified.py \\
+    --workdir=DIR
+    An official CRAD checkpoint -> a grad_jax run folder (evaluate with
+    `python -m grad_jax.main --mode=eval --config=... --workdir=DIR`, or predict with
+    `python -m grad_jax.predict --workdir=DIR ...`).
+python -m grad_jax.convert --torch-backbone=efficientnet-b4-6ed6700e.pth \\
+    --config=configs/unified.py --out=backbone.npz
+    A lukemelas EfficientNet .pth -> backbone variables (.npz, usable as
+    config.model.backbone_weights).
+"""
+
+
+def load_config_file(spec: str):
+    """`path/to/config.py[:arg]` -> the ConfigDict its get_config(arg) returns."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location("grad_jax_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def convert_crad_checkpoint(checkpoint: str, config, workdir: str) -> dict[str, Any]:
+    """Write `workdir` (config.json + an Orbax checkpoint) from an official CRAD checkpoint."""
+    import jax
+
+    from grad_jax import checkpointing
+    from grad_jax import workdir as wd
+    from grad_jax.models.model import build_model
+    from grad_jax.optim import make_optimizer
+
+    config = config.copy_and_resolve_references()
+    config.model.random_backbone = True  # the backbone comes from the checkpoint
+    model = build_model(config, seed=config.seed)
+    meta = load_crad_checkpoint(model, checkpoint)
+    variables = wd.ModelVariables.from_model(model)
+    tx, _ = make_optimizer(config.train, 1, variables.params)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpointing.Checkpoints(workdir)
+    if ckpt.latest_step() is not None:
+        raise ConversionError(f"{workdir} already holds checkpoints; choose an empty --workdir")
+    wd.write_config(config, workdir)
+    items = {
+        "model": {"params": variables.params, "batch_stats": variables.batch_stats},
+        "train": {
+            "step": jax.numpy.zeros((), jax.numpy.int32),
+            "opt_state": tx.init(variables.params),
+        },
+        "backbone": variables.backbone,
+    }
+    record = {
+        "fingerprint": checkpointing.fingerprint(config),
+        "step": 0,
+        "final": True,
+        "threshold": None,
+        "converted_from": os.path.basename(checkpoint),
+        "source_metadata": meta,
+    }
+    ckpt.save(0, items, record)
+    ckpt.close()
+    return record
+
+
+def convert_backbone_file(weights: str, config, out: str) -> int:
+    """Check a lukemelas .pth against the configured backbone and save the tensors it uses as
+    .npz, under their original names (so the file reads back like the .pth it came from)."""
+    from grad_jax.models.model import build_model
+
+    config = config.copy_and_resolve_references()
+    config.model.random_backbone = True
+    model = build_model(config, seed=config.seed)
+    state_dict = read_state_dict(weights)
+    pairs = list(backbone_pairs(model.backbone))
+    apply_pairs(model.backbone, iter(pairs), state_dict, weights)
+    arrays = {key: np.asarray(state_dict[key], np.float32) for _, key, _ in pairs}
+    tmp = out + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out)
+    return len(arrays)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from grad_jax import cli
+
+    parser = argparse.ArgumentParser(
+        prog="python -m grad_jax.convert",
+        usage=USAGE,
+        description="Convert PyTorch checkpoints to grad_jax.",
+    )
+    parser.add_argument("--torch-checkpoint", help="official CRAD training checkpoint")
+    parser.add_argument("--torch-backbone", help="lukemelas EfficientNet .pth")
+    parser.add_argument("--config", required=True, help="config file, e.g. configs/unified.py")
+    parser.add_argument("--workdir", help="output run folder (with --torch-checkpoint)")
+    parser.add_argument("--out", help="output .npz (with --torch-backbone)")
+    args = parser.parse_args(argv)
+    if bool(args.torch_checkpoint) == bool(args.torch_backbone):
+        parser.error("give exactly one of --torch-checkpoint or --torch-backbone")
+    cli.configure_logging()
+    with cli.friendly_errors():
+        config = load_config_file(args.config)
+        if args.torch_checkpoint:
+            if not args.workdir:
+                parser.error("--torch-checkpoint needs --workdir")
+            record = convert_crad_checkpoint(args.torch_checkpoint, config, args.workdir)
+            print(
+                f"converted {args.torch_checkpoint} -> {args.workdir} "
+                f"(source epoch {record['source_metadata'].get('epoch', '?')})"
+            )
+        else:
+            if not args.out:
+                parser.error("--torch-backbone needs --out")
+            n = convert_backbone_file(args.torch_backbone, config, args.out)
+            print(f"converted {args.torch_backbone} -> {args.out} ({n} tensors)")
+    sys.stdout.flush()
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    # Run the imported module, not this __main__ copy, so that its exception classes are the
+    # ones grad_jax.cli recognises.
+    from grad_jax import convert as _module
+
+    _module.run()
