@@ -176,6 +176,10 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
     from grad_jax import workdir as wd
 
     sharding.maybe_initialize_distributed()
+    if config is not None:
+        from grad_jax.train import validate_config
+
+        validate_config(config, training=False)
     trained = wd.load_trained(workdir, config=config)
     config = trained.config
     categories = input_pipeline.open_categories(config)

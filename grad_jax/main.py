@@ -40,7 +40,9 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    app.run(main)
+    from grad_jax import cli
+
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

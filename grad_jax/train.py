@@ -228,23 +228,61 @@ class StopFlag:
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(config) -> None:
-    if config.train.epochs <= 0:
-        raise ConfigError(f"config.train.epochs={config.train.epochs} must be positive")
-    try:
-        sharding.check_batch_size(config.train.batch_size)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    if config.eval.batch_size <= 0:
-        raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} must be positive")
-    if not 0 <= config.threshold.holdout_fraction < 1:
-        raise ConfigError("config.threshold.holdout_fraction must be in [0, 1)")
+def validate_config(config, *, training: bool = True) -> None:
+    """Check every value a run depends on before any work starts; all problems in one error."""
+    from grad_jax.models.efficientnet import VARIANTS
+    from grad_jax.models.layers import DEPTHWISE_IMPLS
+
+    m, d, t, e = config.model, config.data, config.train, config.eval
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(m.backbone in VARIANTS, f"model.backbone={m.backbone!r}: one of {', '.join(VARIANTS)}")
+    need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: 'float32' or 'bfloat16'")
+    need(m.depthwise_impl in DEPTHWISE_IMPLS, f"model.depthwise_impl: one of {DEPTHWISE_IMPLS}")
+    need(m.ch_exp > 0 and m.ch_exp % 4 == 0, f"model.ch_exp={m.ch_exp}: a positive multiple of 4")
+    need(m.layers >= 1, "model.layers must be at least 1")
+    need(m.local_resol >= 1 and m.global_resol >= 1, "model.local_resol/global_resol >= 1")
+    layers_ok = len(m.out_layers) >= 1 and all(1 <= x <= 5 for x in m.out_layers)
+    need(layers_ok, f"model.out_layers={tuple(m.out_layers)}: stage numbers in 1..5")
+    if layers_ok:
+        finest = 2 ** min(m.out_layers)
+        need(
+            m.out_stride in (1, 2, 4, 8, 16, 32) and m.out_stride <= finest,
+            f"model.out_stride={m.out_stride}: a power of two no larger than {finest}",
+        )
+        coarsest = 2 ** max(m.out_layers)
+        size_ok = len(d.image_size) == 2 and all(
+            isinstance(n, int) and n > 0 and n % coarsest == 0 for n in d.image_size
+        )
+        need(size_ok, f"data.image_size={tuple(d.image_size)}: two multiples of {coarsest}")
+    need(
+        d.dataset in ("mvtec_ad", "folder", "demo"), "data.dataset: 'mvtec_ad', 'folder' or 'demo'"
+    )
+    need(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive")
+    need(e.smooth_size >= 1 and e.smooth_size % 2 == 1, "eval.smooth_size must be odd and >= 1")
+    need(e.score_pool >= 1, "eval.score_pool must be >= 1")
+    if training:
+        need(t.epochs > 0, f"train.epochs={t.epochs} must be positive")
+        need(t.cache_features in ("auto", "on", "off"), "train.cache_features: auto, on or off")
+        need(0 <= config.threshold.holdout_fraction < 1, "threshold.holdout_fraction in [0, 1)")
+        need(0 < config.threshold.quantile <= 1, "threshold.quantile in (0, 1]")
+        need(t.lr_step_epochs > 0, "train.lr_step_epochs must be positive")
+        try:
+            sharding.check_batch_size(t.batch_size, "train.batch_size")
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (resuming from the latest checkpoint), set the threshold, evaluate, report."""
     sharding.maybe_initialize_distributed()
-    _validate(config)
+    validate_config(config)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
