@@ -73,13 +73,16 @@ def check_fingerprint(saved: dict[str, Any], config: ml_collections.ConfigDict, 
 class Checkpoints:
     """Save and restore the training state of one workdir."""
 
-    def __init__(self, workdir: str, keep: int = 2):
+    def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
+        """`read_only` (evaluation, prediction) never deletes or creates anything, so it is safe
+        beside a training process that may be in the middle of a save."""
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max(1, keep)),
             enable_async_checkpointing=False,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=ITEMS + ("meta",)

@@ -113,7 +113,7 @@ def load_trained(
     config = read_config(workdir) if config is None else ml_collections.ConfigDict(config)
     config.model.random_backbone = True  # the checkpoint holds the backbone
     variables = ModelVariables.from_model(build_model(config, seed=config.seed))
-    ckpt = checkpointing.Checkpoints(workdir)
+    ckpt = checkpointing.Checkpoints(workdir, read_only=True)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(
             f"{ckpt.directory} holds no checkpoint yet: train first, or wait for the first save"

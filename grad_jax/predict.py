@@ -1,0 +1,719 @@
+"""Score new images with a trained run: a Python API and `python -m grad_jax.predict`.
+
+Python::
+
+    from grad_jax.predict import Predictor
+
+    predictor = Predictor.from_workdir("runs/bottle")
+    for p in predictor.predict([image_a, image_b]):  # numpy arrays of any size
+        print(p.score, p.is_anomalous, p.anomaly_map.shape)
+    ok, failed = predictor.predict_files(["a.png", "b.jpg"])
+
+Command line::
+
+    python -m grad_jax.predict --workdir=runs/bottle --out=results PATH [PATH ...]
+
+PATHs are image files or folders (searched recursively for .png .jpg .jpeg .bmp .tif .tiff in
+any letter case; hidden files and folders are skipped). Results in --out:
+
+- `scores.csv`: `file,score,decision,threshold`, one row per scored image;
+- `maps.npz`: the raw anomaly map (float32, model input size) of every image, keyed like `file`;
+- `overlays/<file>.png`: the heat map over the image at its original size;
+- `README.txt`: what was run, the threshold and the overlay colour range used.
+
+Images are decoded and converted exactly as the training data (`tfds_mvtec` layout rules: 16-bit
+scaled, grayscale replicated, alpha dropped, palettes expanded) and resized like it (Pillow
+bilinear). An unreadable file is named on stderr and skipped; the exit status is then 1. Usage
+errors (no paths, a folder that is not a run) exit with status 2.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import io
+import math
+import os
+import pathlib
+import posixpath
+import shutil
+import sys
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from grad_jax import input_pipeline, visualize
+from tfds_mvtec.mvtec_ad import layout
+
+#: The exit statuses of the command line.
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+OVERLAY_DIR = "overlays"
+_FLOAT_TOLERANCE = 1e-6  # float images may overshoot [0, 1] by this much (rounding)
+_DECODE_THREADS = 4
+
+
+class UsageError(ValueError):
+    """A command-line or API argument that cannot work; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prediction:
+    """The result for one image.
+
+    score: the image anomaly score (higher = more anomalous).
+    anomaly_map: `[H, W]` float32, the raw per-pixel anomaly map at the model input size
+        (before the smoothing that the score is computed from).
+    is_anomalous: `score >= threshold`, or None when no threshold is known.
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    is_anomalous: bool | None
+
+
+# --------------------------------------------------------------------------------------------
+# Image conversion.
+# --------------------------------------------------------------------------------------------
+
+
+def to_rgb8(image: Any, name: str = "<image>") -> np.ndarray:
+    """Any supported image -> `[H, W, 3]` uint8 at its own size, as the data loader converts.
+
+    Accepts a Pillow image, or an array `HxW`, `HxWx1`, `HxWx3` or `HxWx4` (RGBA; alpha is
+    dropped) of dtype uint8, uint16 (scaled to 8 bits as 16-bit files are) or float in [0, 1].
+    Raises ValueError (BadImageError for Pillow images of an unsupported mode).
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(layout.to_rgb8(image, name))
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"{name}: shape {array.shape} is not an image; expected HxW, HxWx1, HxWx3 or HxWx4"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name}: the image is empty (shape {array.shape})")
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        if array.ndim == 3:
+            # Pillow reads 16-bit colour files as their high byte; do the same for arrays.
+            array = (array >> 8).astype(np.uint8)
+        # HxW uint16 becomes a Pillow I;16 image, which layout.to_rgb8 scales to 8 bits.
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name}: the float image holds NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+            raise ValueError(
+                f"{name}: float images must lie in [0, 1], this one spans [{low:.4g}, {high:.4g}]"
+            )
+        array = np.rint(np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        raise ValueError(f"{name}: dtype {array.dtype} is not supported (uint8, uint16 or float)")
+    return np.asarray(layout.to_rgb8(Image.fromarray(np.ascontiguousarray(array)), name))
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as `[H, W, 3]` uint8 at its own size; BadImageError if it cannot be read."""
+    image = layout.open_image(layout.read_bytes(path), path)
+    try:
+        return np.asarray(layout.to_rgb8(image, path))
+    except (ValueError, OSError) as err:
+        if isinstance(err, layout.BadImageError):
+            raise
+        raise layout.BadImageError(path, f"cannot convert to RGB ({err})") from err
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, layout.BadImageError):
+        return err.reason
+    return str(err) or type(err).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# The Python API.
+# --------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """A trained model ready to score images; one compiled program for batches of `batch_size`.
+
+    Every batch sent to the device is padded to exactly `batch_size` images, so however many
+    images are scored, the predict function is compiled once.
+    """
+
+    def __init__(
+        self,
+        variables: Any,
+        config: Any,
+        threshold: float | None = None,
+        batch_size: int = 16,
+        meta: dict[str, Any] | None = None,
+        step: int | None = None,
+        workdir: str | None = None,
+    ):
+        from grad_jax import evaluate
+
+        if int(batch_size) < 1:
+            raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+        self.config = config
+        self.batch_size = int(batch_size)
+        self.threshold = None if threshold is None else float(threshold)
+        self.meta = dict(meta or {})
+        self.step = step
+        self.workdir = workdir
+        self.image_size: tuple[int, int] = tuple(int(x) for x in config.data.image_size)
+        self._predict_fn: Callable[[np.ndarray], dict[str, np.ndarray]] = evaluate.make_predict_fn(
+            variables, config
+        )
+
+    @classmethod
+    def from_workdir(
+        cls, workdir: str | os.PathLike, step: int | None = None, batch_size: int = 16
+    ) -> Predictor:
+        """The model of a run folder (its latest readable checkpoint, or checkpoint `step`).
+
+        Raises FileNotFoundError if `workdir` is not a run folder or has no such checkpoint.
+        """
+        from grad_jax import checkpointing
+        from grad_jax import workdir as wd
+
+        workdir = os.fspath(workdir)
+        wd.read_config(workdir)  # fails clearly (before anything is created) if not a run
+        if step is not None:
+            ckpt = checkpointing.Checkpoints(workdir)
+            steps = ckpt.steps()
+            ckpt.close()
+            if int(step) not in steps:
+                have = ", ".join(map(str, steps)) or "none"
+                raise FileNotFoundError(
+                    f"{workdir} has no checkpoint of step {step} (available steps: {have})"
+                )
+        trained = wd.load_trained(workdir, step=None if step is None else int(step))
+        return cls(
+            trained.variables,
+            trained.config,
+            threshold=trained.threshold,
+            batch_size=batch_size,
+            meta=trained.meta,
+            step=trained.step,
+            workdir=workdir,
+        )
+
+    @property
+    def category_thresholds(self) -> dict[str, float]:
+        """Per-category thresholds stored with the run (category name -> score), maybe empty."""
+        th = self.meta.get("threshold") or {}
+        return {k: float(v) for k, v in (th.get("per_category") or {}).items() if v is not None}
+
+    def prepare(self, image: Any, name: str = "<image>") -> np.ndarray:
+        """One image (see `to_rgb8`) -> `[H, W, 3]` uint8 at the model input size."""
+        return input_pipeline.resize_image(to_rgb8(image, name), self.image_size)
+
+    def decide(self, score: float) -> bool | None:
+        return None if self.threshold is None else bool(score >= self.threshold)
+
+    def predict(self, images: Sequence[Any]) -> list[Prediction]:
+        """Score a sequence of images (arrays of any size, see `to_rgb8`, or Pillow images).
+
+        A `[N, H, W, C]` array counts as N images; a single image must be wrapped in a list.
+        """
+        if isinstance(images, np.ndarray) and images.ndim < 4:
+            raise ValueError(
+                f"predict() takes a sequence of images; got one array of shape {images.shape} "
+                "(wrap a single image in a list)"
+            )
+        out: list[Prediction] = []
+        batch: list[np.ndarray] = []
+        for i, image in enumerate(images):
+            batch.append(self.prepare(image, f"image {i}"))
+            if len(batch) == self.batch_size:
+                out += self.predict_prepared(batch)
+                batch = []
+        if batch:
+            out += self.predict_prepared(batch)
+        return out
+
+    def predict_prepared(self, batch: Sequence[np.ndarray]) -> list[Prediction]:
+        """Score at most `batch_size` images already at the model size (`prepare`)."""
+        n = len(batch)
+        if not n:
+            return []
+        if n > self.batch_size:
+            raise ValueError(f"{n} images in one batch; at most batch_size={self.batch_size}")
+        h, w = self.image_size
+        x = np.zeros((self.batch_size, h, w, 3), np.uint8)  # padded: one program for all
+        for i, image in enumerate(batch):
+            if image.shape != (h, w, 3) or image.dtype != np.uint8:
+                raise ValueError(
+                    f"prepared image {i}: {image.shape} {image.dtype}, expected ({h}, {w}, 3) uint8"
+                )
+            x[i] = image
+        result = self._predict_fn(x)
+        scores = np.asarray(result["score"], np.float64)
+        raw = np.asarray(result["raw"])
+        return [
+            Prediction(
+                float(scores[i]), np.array(raw[i], np.float32), self.decide(float(scores[i]))
+            )
+            for i in range(n)
+        ]
+
+    def iter_files(
+        self, paths: Iterable[str | os.PathLike]
+    ) -> Iterator[tuple[str, np.ndarray | None, Prediction | None, str | None]]:
+        """`(path, original RGB image, prediction, None)` or `(path, None, None, reason)` per path,
+        in order. Files are decoded on background threads, a few batches ahead."""
+        paths = [os.fspath(p) for p in paths]
+
+        def load(path: str) -> tuple[np.ndarray, np.ndarray]:
+            original = read_image(path)
+            return original, input_pipeline.resize_image(original, self.image_size)
+
+        pending: list[tuple[str, Any, str | None]] = []  # (path, images or None, reason)
+        waiting = 0
+
+        def flush():
+            ready = [item[1] for item in pending if item[1] is not None]
+            predictions = iter(self.predict_prepared([r for _, r in ready]))
+            for path, images, reason in pending:
+                if images is None:
+                    yield path, None, None, reason
+                else:
+                    yield path, images[0], next(predictions), None
+
+        with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+            queue: collections.deque = collections.deque()
+            todo = iter(paths)
+            lookahead = 2 * self.batch_size
+            for path in todo:
+                queue.append((path, pool.submit(load, path)))
+                if len(queue) >= lookahead:
+                    break
+            while queue:
+                path, future = queue.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    queue.append((nxt, pool.submit(load, nxt)))
+                try:
+                    pending.append((path, future.result(), None))
+                    waiting += 1
+                except (layout.BadImageError, ValueError, OSError) as err:
+                    pending.append((path, None, _reason(err)))
+                if waiting == self.batch_size:
+                    yield from flush()
+                    pending, waiting = [], 0
+            if pending:
+                yield from flush()
+
+    def predict_files(
+        self, paths: Iterable[str | os.PathLike]
+    ) -> tuple[list[tuple[str, Prediction]], list[tuple[str, str]]]:
+        """`([(path, prediction)], [(path, reason)])`: the scored files and the unreadable ones."""
+        ok, failed = [], []
+        for path, _, prediction, reason in self.iter_files(paths):
+            if prediction is None:
+                failed.append((path, reason))
+            else:
+                ok.append((path, prediction))
+        return ok, failed
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and outputs of the command line.
+# --------------------------------------------------------------------------------------------
+
+
+def _image_files(folder: str, exclude: str | None = None) -> list[tuple[str, str]]:
+    """`(path, key)` of the images below `folder`, key = POSIX path relative to it, sorted.
+
+    Hidden files and folders are skipped, and so is the folder `exclude` (the output folder).
+    """
+    found = []
+    skip = None if exclude is None else os.path.realpath(exclude)
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not layout.is_hidden(pathlib.Path(d))
+            and os.path.realpath(os.path.join(top, d)) != skip
+        )
+        rel = os.path.relpath(top, folder)
+        for name in files:
+            if layout.is_image_name(pathlib.Path(name)):
+                parts = [] if rel == os.curdir else rel.split(os.sep)
+                found.append((os.path.join(top, name), posixpath.join(*parts, name)))
+    return sorted(found, key=lambda item: item[1])
+
+
+def collect_inputs(
+    paths: Sequence[str], exclude: str | None = None
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """`([(file, key)], [(path, reason)])` for the command-line PATHs.
+
+    A folder contributes its images (key: the path relative to it), except those under the
+    folder `exclude` (the output folder, whose overlays are images too); a file is taken
+    whatever its name (key: its base name). Keys are unique (compared case-insensitively, so the
+    overlays can live on any file system): a repeated key gets `_2`, `_3`, ... before its
+    extension, in argument order. A file reached twice is scored once.
+    """
+    files: list[tuple[str, str]] = []
+    failed: list[tuple[str, str]] = []
+    for arg in paths:
+        if os.path.isdir(arg):
+            found = _image_files(arg, exclude)
+            if not found:
+                kinds = ", ".join(sorted(layout.IMAGE_EXTENSIONS))
+                failed.append((arg, f"the folder holds no image file ({kinds})"))
+            files += found
+        elif os.path.lexists(arg):
+            files.append((arg, os.path.basename(arg)))
+        else:
+            failed.append((arg, "no such file or folder"))
+    out, seen, taken = [], set(), set()
+    for path, key in files:
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
+        candidate, k = key, 2
+        stem, ext = posixpath.splitext(key)
+        while candidate.lower() in taken:
+            candidate, k = f"{stem}_{k}{ext}", k + 1
+        taken.add(candidate.lower())
+        out.append((path, candidate))
+    return out, failed
+
+
+def _temp_name(path: str) -> str:
+    directory, base = os.path.split(path)
+    return os.path.join(directory, f".{base}.tmp{os.getpid()}")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+class _NpzWriter:
+    """Writes arrays one by one into an .npz (a zip of .npy files, as numpy.savez does)."""
+
+    def __init__(self, path: str):
+        self.zip = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        with self.zip.open(key + ".npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+    def close(self) -> None:
+        self.zip.close()
+
+
+def _upsample(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`[h, w]` float map -> `size` (H, W) with Pillow bilinear."""
+    h, w = size
+    if anomaly_map.shape == (h, w):
+        return anomaly_map.astype(np.float32)
+    image = Image.fromarray(np.ascontiguousarray(anomaly_map, np.float32))
+    return np.asarray(image.resize((w, h), Image.BILINEAR))
+
+
+def _write_overlay(path: str, image: np.ndarray, anomaly_map: np.ndarray, vmin, vmax) -> None:
+    blended = visualize.overlay(image, _upsample(anomaly_map, image.shape[:2]), vmin, vmax)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(blended).save(buffer, format="PNG")
+    tmp = _temp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def resolve_threshold(
+    predictor: Predictor, threshold: float | None, category: str | None
+) -> tuple[float | None, str]:
+    """(threshold, where it comes from): --threshold, else --category's, else the run's."""
+    if threshold is not None and category is not None:
+        raise UsageError("give either --threshold or --category, not both")
+    if threshold is not None:
+        if not math.isfinite(threshold):
+            raise UsageError(f"--threshold must be a finite number, got {threshold}")
+        return float(threshold), "given with --threshold"
+    if category is not None:
+        known = predictor.category_thresholds
+        if category not in known:
+            have = ", ".join(sorted(known)) or "none (the run stored no per-category thresholds)"
+            raise UsageError(f"--category={category}: no threshold for it; known: {have}")
+        return known[category], f"the run's threshold for category '{category}'"
+    if predictor.threshold is None:
+        return None, "none: the run stored no decision threshold (trained without held-out images)"
+    source = (predictor.meta.get("threshold") or {}).get("source")
+    return predictor.threshold, "stored with the run" + (f", from {source}" if source else "")
+
+
+def write_outputs(
+    predictor: Predictor,
+    files: Sequence[tuple[str, str]],
+    out: str,
+    threshold_source: str,
+    report_failure: Callable[[str, str], None],
+    progress: bool = True,
+    missing: Sequence[tuple[str, str]] = (),
+) -> tuple[int, list[tuple[str, str]]]:
+    """Score `files` (`(path, key)`) and write scores.csv, maps.npz, overlays/ and README.txt.
+
+    `missing`: `(path, reason)` of inputs that failed before (listed in README.txt too).
+    Every output is written under a temporary name and renamed when complete. Returns (number
+    of images scored, [(path, reason)] of the files that could not be read).
+    """
+    from tqdm import auto as tqdm
+
+    os.makedirs(out, exist_ok=True)
+    threshold = predictor.threshold
+    fixed_range = threshold is not None and threshold > 0
+    vmin, vmax = (0.0, 2.0 * threshold) if fixed_range else (math.inf, -math.inf)
+    final = {name: os.path.join(out, name) for name in ("scores.csv", "maps.npz", "README.txt")}
+    final[OVERLAY_DIR] = os.path.join(out, OVERLAY_DIR)
+    temps = {name: _temp_name(path) for name, path in final.items()}
+    old_overlays = _temp_name(final[OVERLAY_DIR]) + ".old"
+    failed: list[tuple[str, str]] = []
+    scored: list[tuple[str, str]] = []
+    npz = None
+    try:
+        for tmp in temps.values():
+            _remove(tmp)
+        os.makedirs(temps[OVERLAY_DIR])
+        npz = _NpzWriter(temps["maps.npz"])
+        anomalous = 0
+        with open(temps["scores.csv"], "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["file", "score", "decision", "threshold"])
+            keys = dict(files)
+            bar = tqdm.tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
+            for path, image, p, reason in predictor.iter_files([p for p, _ in files]):
+                bar.update(1)
+                if p is None:
+                    failed.append((path, reason))
+                    report_failure(path, reason)
+                    continue
+                key = keys[path]
+                scored.append((path, key))
+                decision = {None: "", True: "anomalous", False: "normal"}[p.is_anomalous]
+                anomalous += bool(p.is_anomalous)
+                writer.writerow([key, _fmt(p.score), decision, _fmt(threshold)])
+                npz.add(key, p.anomaly_map)
+                if fixed_range:
+                    overlay = os.path.join(temps[OVERLAY_DIR], key + ".png")
+                    _write_overlay(overlay, image, p.anomaly_map, vmin, vmax)
+                else:
+                    vmin = min(vmin, float(p.anomaly_map.min()))
+                    vmax = max(vmax, float(p.anomaly_map.max()))
+            bar.close()
+        npz.close()
+        npz = None
+        if not fixed_range and scored:
+            _overlays_from_maps(predictor, scored, temps, vmin, vmax, progress, tqdm)
+        if not scored:
+            vmin = vmax = math.nan
+        readme = _readme(
+            predictor, scored, [*missing, *failed], anomalous, threshold_source, vmin, vmax
+        )
+        with open(temps["README.txt"], "w", encoding="utf-8") as f:
+            f.write(readme)
+        os.replace(temps["maps.npz"], final["maps.npz"])
+        if os.path.lexists(final[OVERLAY_DIR]):
+            os.replace(final[OVERLAY_DIR], old_overlays)
+        os.replace(temps[OVERLAY_DIR], final[OVERLAY_DIR])
+        os.replace(temps["README.txt"], final["README.txt"])
+        os.replace(temps["scores.csv"], final["scores.csv"])  # last: the run is complete
+    finally:
+        if npz is not None:
+            npz.close()
+        for tmp in [*temps.values(), old_overlays]:
+            _remove(tmp)
+    return len(scored), failed
+
+
+def _overlays_from_maps(predictor, scored, temps, vmin, vmax, progress, tqdm) -> None:
+    """Second pass when the colour range comes from all maps: re-read image and map."""
+    with np.load(temps["maps.npz"]) as maps:
+        bar = tqdm.tqdm(total=len(scored), unit="img", desc="overlays", disable=not progress)
+        for path, key in scored:
+            bar.update(1)
+            try:
+                image = read_image(path)
+            except layout.BadImageError as err:  # changed on disk since it was scored
+                print(f"grad_jax: no overlay for {path}: {err.reason}", file=sys.stderr)
+                continue
+            overlay = os.path.join(temps[OVERLAY_DIR], key + ".png")
+            _write_overlay(overlay, image, maps[key], vmin, vmax)
+        bar.close()
+
+
+def _readme(predictor, scored, failed, anomalous, threshold_source, vmin, vmax) -> str:
+    h, w = predictor.image_size
+    threshold = predictor.threshold
+    if threshold is not None and threshold > 0:
+        colour = (
+            f"fixed for the whole run from the decision threshold: vmin = 0, vmax = 2 x "
+            f"threshold = {vmax:.6g} (the threshold sits in the middle of the scale)"
+        )
+    else:
+        why = "no threshold is known" if threshold is None else "the threshold is not positive"
+        colour = (
+            f"the minimum and maximum over all raw maps of this run ({why}): vmin = {vmin:.6g}, "
+            f"vmax = {vmax:.6g}; colours are comparable within this run only"
+        )
+    lines = [
+        "grad_jax predictions",
+        "",
+        f"Model: run folder {predictor.workdir}, checkpoint step {predictor.step}, input size "
+        f"{h}x{w}.",
+        f"Images: {len(scored)} scored, {len(failed)} unreadable"
+        + (f", {anomalous} flagged anomalous." if threshold is not None else "."),
+        f"Decision threshold: {_fmt(threshold) or 'none'} ({threshold_source}).",
+        "",
+        "Files:",
+        "  scores.csv   file,score,decision,threshold; one row per scored image. 'file' is the",
+        "               path relative to the folder it was found in (or the file's name when it",
+        "               was given directly); decision is 'anomalous' when score >= threshold,",
+        "               'normal' otherwise, and empty when no threshold is known.",
+        f"  maps.npz     one float32 array of {h}x{w} per image, keyed like 'file': the raw",
+        "               anomaly map at the model input size (per-pixel distance, before the",
+        "               smoothing the score is computed from).",
+        "  overlays/    <file>.png: the raw map, upsampled (bilinear) to the image's original",
+        "               size, in jet colours (blue = low, red = high) blended over the image.",
+        "",
+        f"Overlay colour range: {colour}. Values outside it are clipped.",
+    ]
+    if failed:
+        lines += ["", "Unreadable files (not scored):"]
+        lines += [f"  {path}: {reason}" for path, reason in failed]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------------------------
+
+
+def _define_flags():
+    from absl import flags
+
+    values = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Run folder of a trained model.", flag_values=values)
+    flags.DEFINE_string(
+        "out", None, "Folder for scores.csv, maps.npz, overlays/.", flag_values=values
+    )
+    flags.DEFINE_integer("batch_size", 16, "Images per device batch.", flag_values=values)
+    flags.DEFINE_float(
+        "threshold",
+        None,
+        "Decision threshold: score >= it is anomalous (default: the run's).",
+        flag_values=values,
+    )
+    flags.DEFINE_string(
+        "category", None, "Use the run's threshold for this category.", flag_values=values
+    )
+    flags.DEFINE_integer(
+        "step", None, "Checkpoint step (default: the latest readable).", flag_values=values
+    )
+    flags.DEFINE_boolean("progress", True, "Show a progress bar.", flag_values=values)
+    return values
+
+
+def _usage(values) -> str:
+    return (
+        "usage: python -m grad_jax.predict --workdir=DIR --out=OUT PATH [PATH ...]\n\n"
+        + "PATHs are"
+        + (__doc__ or "").split("PATHs are", 1)[-1].rstrip()
+        + "\n\nflags:\n"
+        + values.get_help(include_special_flags=False)
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    """The command line (`argv[0]` is the program name); returns the exit status."""
+    from absl import flags
+
+    values = _define_flags()
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(_usage(values))
+        return EXIT_OK
+
+    def usage_error(message: str) -> int:
+        print(f"grad_jax: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        paths = values(list(argv))[1:]
+    except flags.Error as err:
+        return usage_error(str(err))
+    if paths and paths[0] == "--":
+        paths = paths[1:]
+    if not values.workdir:
+        return usage_error("--workdir is required (the run folder of a trained model)")
+    if not values.out:
+        return usage_error("--out is required (the folder for the results)")
+    if not paths:
+        return usage_error("no images given: pass image files or folders after the flags")
+    if values.batch_size < 1:
+        return usage_error(f"--batch_size must be at least 1, got {values.batch_size}")
+    if os.path.exists(values.out) and not os.path.isdir(values.out):
+        return usage_error(f"--out={values.out} is a file, not a folder")
+    if values.threshold is not None and values.category is not None:
+        return usage_error("give either --threshold or --category, not both")
+
+    from grad_jax import checkpointing, cli
+
+    cli.configure_logging()
+    files, failed = collect_inputs(paths, exclude=values.out)
+
+    def report(path: str, reason: str) -> None:
+        from tqdm import auto as tqdm
+
+        tqdm.tqdm.write(f"grad_jax: cannot read {path}: {reason}", file=sys.stderr)
+
+    with cli.friendly_errors():
+        try:
+            batch = max(1, min(values.batch_size, len(files)))
+            predictor = Predictor.from_workdir(values.workdir, values.step, batch_size=batch)
+            threshold, source = resolve_threshold(predictor, values.threshold, values.category)
+        except (UsageError, FileNotFoundError, checkpointing.CheckpointMismatchError) as err:
+            return usage_error(str(err))
+        predictor.threshold = threshold
+        for path, reason in failed:
+            report(path, reason)
+        n, unreadable = write_outputs(
+            predictor, files, values.out, source, report, values.progress, failed
+        )
+    failed += unreadable
+    flagged = ""
+    if threshold is not None:
+        flagged = f" (threshold {threshold:.6g})"
+    print(
+        f"grad_jax: scored {n} image(s){flagged}, {len(failed)} unreadable; results in {values.out}"
+    )
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def run() -> None:
+    """Console-script entry point (`grad-jax-predict`)."""
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()
