@@ -37,15 +37,6 @@ flags.DEFINE_string("out", None, "Also write the JSON here.")
 FLAGS = flags.FLAGS
 
 
-def _median_time(fn, steps):
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def build_torch(config, torch):
     from grad_jax.models.efficientnet import efficientnet_spec
     from tests import torch_reference as ref
@@ -73,6 +64,7 @@ def main(argv) -> int:
     import torch
 
     from grad_jax import evaluate, sharding, train, workdir
+    from grad_jax.benchmark import time_call
     from grad_jax.optim import make_optimizer
 
     threads = int(os.environ.get("GRAD_JAX_BENCH_THREADS", os.cpu_count() or 1))
@@ -186,7 +178,7 @@ def main(argv) -> int:
     for _ in range(FLAGS.rounds):
         for k, fn in cases.items():
             time.sleep(1.0)  # let the other framework's worker threads go idle first
-            samples[k].append(_median_time(fn, FLAGS.steps))
+            samples[k].append(time_call(fn, FLAGS.steps, warm_up=False))
     ips = {k: b / float(np.median(v)) for k, v in samples.items()}
     result = {
         "config_backbone": config.model.backbone,

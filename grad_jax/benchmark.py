@@ -33,9 +33,10 @@ flags.DEFINE_list("parts", ["infer", "train", "train_cached"], "What to time.")
 FLAGS = flags.FLAGS
 
 
-def _time(fn, steps: int) -> float:
+def time_call(fn, steps: int, warm_up: bool = True) -> float:
     """Median seconds per call of `fn` (which must block until done), after one warm-up."""
-    fn()
+    if warm_up:
+        fn()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -98,7 +99,7 @@ def run_benchmark(config, batch: int, steps: int, pretrained: bool, parts) -> di
 
     if "infer" in parts:
         predict = evaluate.make_predict_fn(variables, config, mesh)
-        seconds = _time(lambda: predict(images), steps)
+        seconds = time_call(lambda: predict(images), steps)
         result["infer_images_per_s"] = batch / seconds
 
         def program(backbone, params, stats, x):
@@ -146,7 +147,7 @@ def run_benchmark(config, batch: int, steps: int, pretrained: bool, parts) -> di
             holder["state"], metrics = step(holder["state"], backbone, batch_arrays)
             jax.block_until_ready(metrics["loss"])
 
-        seconds = _time(one_step, steps)
+        seconds = time_call(one_step, steps)
         result[f"{part}_images_per_s"] = batch / seconds
         flops = _flops(step, holder["state"], backbone, batch_arrays)
         if flops:

@@ -12,3 +12,19 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 MAGNETIC_TILE = ROOT.parent / "shared" / "datasets" / "magnetic_tile"
+
+
+def tiny_category(base, num_train=8, num_test_good=2, num_test_defect=1):
+    """A small generated MVTec-layout category (80 px hex nuts) under `base`; returns its path."""
+    from grad_jax import demo_data
+
+    demo_data.generate_demo_dataset(
+        base,
+        classes=("hex_nut",),
+        num_train=num_train,
+        num_test_good=num_test_good,
+        num_test_defect=num_test_defect,
+        image_size=80,
+        progress=False,
+    )
+    return base / "hex_nut"

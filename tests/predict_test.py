@@ -13,7 +13,7 @@ from PIL import Image
 
 from grad_jax import evaluate, predict, visualize
 from grad_jax import workdir as wd
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_category
 
 SIZE = (64, 64)  # configs/tiny.py
 
@@ -25,18 +25,8 @@ SIZE = (64, 64)  # configs/tiny.py
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from grad_jax import demo_data
-
     base = tmp_path_factory.mktemp("demo")
-    demo_data.generate_demo_dataset(
-        base,
-        classes=("hex_nut",),
-        num_train=8,
-        num_test_good=2,
-        num_test_defect=1,
-        image_size=80,
-        progress=False,
-    )
+    tiny_category(base)
     return base
 
 

@@ -16,20 +16,14 @@ from PIL import Image
 
 import tfds_mvtec
 from grad_jax import checkpointing, input_pipeline, train, workdir
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_category
 from tests.train_worker import tiny_config
 
 WORKER = str(ROOT / "tests" / "train_worker.py")
 
 
 def _folder(tmp_path, n_train=8):
-    from grad_jax import demo_data
-
-    demo_data.generate_demo_dataset(
-        tmp_path / "demo", classes=("hex_nut",), num_train=n_train, num_test_good=2,
-        num_test_defect=1, image_size=80, progress=False,
-    )  # fmt: skip
-    return tmp_path / "demo" / "hex_nut"
+    return tiny_category(tmp_path / "demo", num_train=n_train)
 
 
 def _main(*args, env=None, timeout=600):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from grad_jax import checkpointing, evaluate, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_category
 from tests.train_worker import tiny_config
 
 WORKER = str(ROOT / "tests" / "train_worker.py")
@@ -20,19 +20,10 @@ WORKER = str(ROOT / "tests" / "train_worker.py")
 def data(tmp_path_factory):
     """16 training images of one class (4 steps of 4 per epoch), built into TFDS once."""
     import tfds_mvtec
-    from grad_jax import demo_data
 
     base = tmp_path_factory.mktemp("data")
-    demo_data.generate_demo_dataset(
-        base / "demo",
-        classes=("hex_nut",),
-        num_train=16,
-        num_test_good=3,
-        num_test_defect=2,
-        image_size=80,
-        progress=False,
-    )
-    root, tfds_dir = str(base / "demo" / "hex_nut"), str(base / "tfds")
+    root = str(tiny_category(base / "demo", num_train=16, num_test_good=3, num_test_defect=2))
+    tfds_dir = str(base / "tfds")
     tfds_mvtec.prepare(root, tfds_dir)
     return root, tfds_dir
 
