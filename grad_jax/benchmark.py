@@ -24,13 +24,17 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/unified.py", "Config file.", lock_config=True)
-flags.DEFINE_integer("batch", 8, "Images per step (global).")
-flags.DEFINE_integer("steps", 5, "Timed iterations after warm-up (the median is reported).")
-flags.DEFINE_bool("pretrained", False, "Load the configured pretrained backbone.")
-flags.DEFINE_string("out", None, "Also write the JSON here.")
-flags.DEFINE_list("parts", ["infer", "train", "train_cached"], "What to time.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Flags exist only when run as a program, so importing time_call defines nothing."""
+    config_flags.DEFINE_config_file("config", "configs/unified.py", "Config.", lock_config=True)
+    flags.DEFINE_integer("batch", 8, "Images per step (global).")
+    flags.DEFINE_integer("steps", 5, "Timed iterations after warm-up (the median is reported).")
+    flags.DEFINE_bool("pretrained", False, "Load the configured pretrained backbone.")
+    flags.DEFINE_string("out", None, "Also write the JSON here.")
+    flags.DEFINE_list("parts", ["infer", "train", "train_cached"], "What to time.")
 
 
 def time_call(fn, steps: int, warm_up: bool = True) -> float:
@@ -175,4 +179,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    _define_flags()
     sys.exit(app.run(main))

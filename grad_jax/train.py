@@ -282,6 +282,7 @@ def validate_config(config, *, training: bool = True) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (resuming from the latest checkpoint), set the threshold, evaluate, report."""
     sharding.maybe_initialize_distributed()
+    config = config.copy_and_resolve_references()  # never mutate the caller's config
     validate_config(config)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)

@@ -110,7 +110,7 @@ def load_trained(
     `config` (default: the run's config.json) must describe the same model; the checkpoint's
     fingerprint is checked against it.
     """
-    config = read_config(workdir) if config is None else ml_collections.ConfigDict(config)
+    config = read_config(workdir) if config is None else config.copy_and_resolve_references()
     config.model.random_backbone = True  # the checkpoint holds the backbone
     variables = ModelVariables.from_model(build_model(config, seed=config.seed))
     ckpt = checkpointing.Checkpoints(workdir, read_only=True)
