@@ -58,7 +58,6 @@ def get_config() -> ml_collections.ConfigDict:
     t.log_every_steps = 10
     t.checkpoint_every_epochs = 1
     t.keep_checkpoints = 2
-    t.eval_every_epochs = 0  # >0: also evaluate on the test set (reported as test-selected)
 
     config.threshold = th = ml_collections.ConfigDict()
     th.holdout_fraction = 0.1  # normal training images held out to set the decision threshold

@@ -133,13 +133,28 @@ def evaluate_categories(
     return results
 
 
-def compute_metrics(
-    results: Sequence[CategoryEval], config: ml_collections.ConfigDict
-) -> tuple[dict[str, float], list[str]]:
+def compute_metrics(results: Sequence[CategoryEval]) -> tuple[dict[str, float], list[str]]:
     per_class = {
         r.name: metrics.CategoryResults(r.scores, r.labels, r.maps, r.masks) for r in results
     }
     return metrics.evaluate(per_class)
+
+
+def publish(
+    workdir: str, results: Sequence[CategoryEval], info: dict[str, Any]
+) -> dict[str, float]:
+    """Metrics of `results` -> metrics.json, a printed table, and the visual report (process 0
+    writes; every process gets the values)."""
+    values, notes = compute_metrics(results)
+    if jax.process_index() == 0:
+        write_metrics(workdir, values, notes, info)
+        print(metrics.format_table(values))
+        for note in notes:
+            print("note:", note)
+        from grad_jax import visualize
+
+        visualize.write_report(workdir, results, values, info.get("threshold"))
+    return values
 
 
 def write_metrics(
@@ -185,17 +200,5 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
     categories = input_pipeline.open_categories(config)
     predict = make_predict_fn(trained.variables, config)
     results = evaluate_categories(predict, categories, config)
-    values, notes = compute_metrics(results, config)
-    if jax.process_index() == 0:
-        info = {
-            "model": f"checkpoint step {trained.step}",
-            "threshold": trained.meta.get("threshold"),
-        }
-        write_metrics(workdir, values, notes, info)
-        print(metrics.format_table(values))
-        for note in notes:
-            print("note:", note)
-        from grad_jax import visualize
-
-        visualize.write_report(workdir, results, values, trained.meta.get("threshold"))
-    return values
+    info = {"model": f"checkpoint step {trained.step}", "threshold": trained.meta.get("threshold")}
+    return publish(workdir, results, info)

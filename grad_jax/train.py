@@ -284,9 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.maybe_initialize_distributed()
     config = config.copy_and_resolve_references()  # never mutate the caller's config
     validate_config(config)
-    is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
+    if jax.process_index() == 0:
         wd.write_config(config, workdir)
 
     categories = input_pipeline.open_categories(config)
@@ -377,24 +376,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
 
     results = evaluate.evaluate_categories(predict, categories, config)
-    values, notes = evaluate.compute_metrics(results, config)
     info = {
         "model": f"final (epoch {config.train.epochs}), not selected on the test set",
         "threshold": meta.get("threshold"),
         "step": total_steps,
     }
-    if is_main:
-        evaluate.write_metrics(workdir, values, notes, info)
-        print(evaluate.metrics.format_table(values))
-        for note in notes:
-            print("note:", note)
-        try:
-            from grad_jax import visualize
-
-            visualize.write_report(workdir, results, values, meta.get("threshold"))
-        except ImportError:  # pragma: no cover - report module optional during development
-            pass
-    return values
+    return evaluate.publish(workdir, results, info)
 
 
 def _threshold(predict, categories, held_items, config) -> dict[str, Any] | None:
