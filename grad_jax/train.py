@@ -134,31 +134,29 @@ def build_feature_cache(
     extract, backbone, source, config, mesh, shapes
 ) -> tuple[list[np.ndarray], list[str]]:
     """Backbone features and file names of every training image, in `source` order, on every
-    process."""
+    process (each process decodes only its own share)."""
     n = len(source)
     cache = [np.zeros((n,) + s, np.float32) for s in shapes]
-    filenames = [""] * n
+    filenames: list[str | None] = [None] * n
     devices = jax.device_count()
-    batch = max(config.train.batch_size, devices)
+    batch = max(config.train.batch_size // devices, 1) * devices
+    # Each process decodes only its share of every batch; the order is padded with repeats of
+    # the last image so every batch splits evenly, and the features are gathered everywhere.
+    order = np.concatenate([np.arange(n), np.full(-n % batch, n - 1)]).astype(np.int64)
     bar = tqdm.tqdm(total=n, desc="caching backbone features", disable=jax.process_index() != 0)
-    # every process reads whole batches and gives the devices its share (see evaluate.py)
-    for inputs in input_pipeline.batches(source, np.arange(n), batch, split_processes=False):
-        images = inputs["image"]
-        count = len(images)
-        pad = -count % devices
-        if pad:
-            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-        share = len(images) // jax.process_count()
-        rank = jax.process_index()
-        local = images[rank * share : (rank + 1) * share]
-        feats = extract(backbone, sharding.global_batch({"x": local}, mesh)["x"])
+    for inputs in input_pipeline.batches(source, order, batch):
+        local = {"x": inputs["image"], "position": inputs["position"]}
+        feats = extract(backbone, sharding.global_batch({"x": local["x"]}, mesh)["x"])
+        for p, name in zip(local["position"], inputs["filename"], strict=True):
+            filenames[int(p)] = str(name)  # this process's share; others are resolved lazily
+        positions = local["position"]
         if jax.process_count() > 1:
             feats = multihost_utils.process_allgather(feats, tiled=True)
+            positions = multihost_utils.process_allgather(positions, tiled=True)
+        positions = np.asarray(positions)
         for c, f in zip(cache, feats, strict=True):
-            c[inputs["position"]] = np.asarray(f)[:count]
-        for p, name in zip(inputs["position"], inputs["filename"], strict=True):
-            filenames[int(p)] = str(name)
-        bar.update(count)
+            c[positions] = np.asarray(f)
+        bar.update(len(set(positions.tolist())))
     bar.close()
     return cache, filenames
 
@@ -433,7 +431,7 @@ def _train_loop(
             skip = (step - epoch * steps_per_epoch) * global_batch
             order = order[skip:]
             if cached:
-                local_batches = _cached_batches(cache, names, order, global_batch)
+                local_batches = _cached_batches(cache, names, order, global_batch, train_source)
             else:
                 local_batches = input_pipeline.batches(
                     train_source, order, global_batch, workers=config.data.num_workers
@@ -477,14 +475,30 @@ def _train_loop(
     return state
 
 
-def _cached_batches(cache, names, order, global_batch):
+class _BatchNames:
+    """File names of a cached batch, resolved only if someone reads them (the NaN message):
+    names decoded by another process are read back from the dataset on demand."""
+
+    def __init__(self, positions, names, source):
+        self.positions, self.names, self.source = positions, names, source
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __iter__(self):
+        for p in self.positions:
+            name = self.names[int(p)]
+            yield name if name is not None else str(self.source[int(p)]["filename"])
+
+
+def _cached_batches(cache, names, order, global_batch, source):
     processes, rank = jax.process_count(), jax.process_index()
     for start in range(0, len(order), global_batch):
         chunk = order[start : start + global_batch]
         share = len(chunk) // processes
         mine = chunk[rank * share : (rank + 1) * share]
         batch = {f"feature_{i}": c[mine] for i, c in enumerate(cache)}
-        batch["filename"] = [names[int(p)] for p in mine]
+        batch["filename"] = _BatchNames(mine, names, source)
         yield batch
 
 
