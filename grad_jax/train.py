@@ -283,8 +283,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = config.copy_and_resolve_references()  # never mutate the caller's config
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        wd.write_config(config, workdir)
 
     categories = input_pipeline.open_categories(config)
     names = [c.name for c in categories]
@@ -295,7 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_source = input_pipeline.IndexedSource(sources, train_items, config.data.image_size, names)
     n_train = len(train_source)
     if n_train == 0:
-        raise ValueError("no training images after the hold-out split")
+        raise ConfigError(
+            "no training images left after holding out threshold.holdout_fraction of them"
+        )
     global_batch = config.train.batch_size
     devices = jax.device_count()
     steps_per_epoch = len(
@@ -307,8 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints)
     resuming = ckpt.latest_step() is not None
-    if resuming:
-        config.model.random_backbone = True  # the checkpoint holds the backbone
+    if resuming:  # the checkpoint holds the backbone: no weights file needed
         model = build_model(config, seed=config.seed)
     else:
         model = wd.create_model(config)
@@ -333,6 +332,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = {**items["model"], **items["train"]}
         variables.backbone = items["backbone"]
         log.info("resuming from step %d (%s)", start_step, ckpt.directory)
+    if jax.process_index() == 0:
+        # Only now: a run restarted with an incompatible config has been refused above and
+        # must not overwrite the config its checkpoints belong to.
+        wd.write_config(config, workdir)
 
     mesh = sharding.make_mesh()
     state = sharding.replicate(state, mesh)

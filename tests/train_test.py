@@ -89,6 +89,10 @@ def test_checkpoint_from_another_config_is_refused(reference_run, data):
     config.model.ch_exp = 24
     with pytest.raises(checkpointing.CheckpointMismatchError, match="model.ch_exp"):
         evaluate.evaluate_workdir(workdir, config)
+    before = open(os.path.join(workdir, "config.json")).read()
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="model.ch_exp"):
+        train.train_and_evaluate(config, workdir)  # restarting with other widths
+    assert open(os.path.join(workdir, "config.json")).read() == before
 
 
 def _run_worker(workdir, data, env_extra, epochs=2):
