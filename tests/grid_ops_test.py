@@ -120,12 +120,13 @@ def test_depthwise_formulations_agree(stride, pad):
     np.testing.assert_allclose(np.asarray(shifted), np.asarray(xla), atol=1e-4)
 
 
-@pytest.mark.parametrize("k", [3, 5])
-def test_depthwise_gradients_match_xla_convolution(k):
+# batch 11: the kernel gradient sums images in chunks of 8, so this covers a partial chunk.
+@pytest.mark.parametrize("k,batch", [(3, 2), (5, 2), (3, 11)])
+def test_depthwise_gradients_match_xla_convolution(k, batch):
     rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.normal(size=(2, 9, 9, 4)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(batch, 9, 9, 4)).astype(np.float32))
     kern = jnp.asarray(rng.normal(size=(k, k, 4)).astype(np.float32))
-    cot = jnp.asarray(rng.normal(size=(2, 9, 9, 4)).astype(np.float32))
+    cot = jnp.asarray(rng.normal(size=(batch, 9, 9, 4)).astype(np.float32))
     pad = ((k // 2, k // 2), (k // 2, k // 2))
 
     def loss(impl):
