@@ -37,8 +37,8 @@ def pointwise(x: jax.Array, kernel: jax.Array, dtype=None) -> jax.Array:
 
     The product is taken on `[N, C_in]` rows, not on the 4-D tensor: the weight gradient is then
     a plain `x^T g` that XLA:CPU runs without first transposing an activation (contracting
-    over batch and space, it transposed one operand, fused with the elementwise backward
-    pass that produced it: about 14% of a fusion bottleneck's training time).
+    over batch and space, it transposed one operand inside the elementwise backward pass that
+    produced it, one of the slowest operations of a training step's profile).
     """
     dtype = dtype or x.dtype
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)
@@ -121,7 +121,7 @@ def _depthwise_same_bwd(residuals, g):
     # - each window product is first summed over the batch with explicit adds, an elementwise
     #   loop that reads the window in place, and only the `[H, W, C]` partial sums go to a
     #   reduction. Reducing the window products directly makes XLA copy out each window
-    #   first (a slice copy per offset), which made this gradient cost as much as a GEMM.
+    #   first (a slice copy per offset): 2-3x slower (benchmarks/bottleneck_parts.py).
     gp = jnp.pad(g, ((0, 0), (k, k), (k, k), (0, 0)))
     batch, h, w, c = g.shape
     partials = []
