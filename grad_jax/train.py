@@ -145,11 +145,10 @@ def build_feature_cache(
     order = np.concatenate([np.arange(n), np.full(-n % batch, n - 1)]).astype(np.int64)
     bar = tqdm.tqdm(total=n, desc="caching backbone features", disable=jax.process_index() != 0)
     for inputs in input_pipeline.batches(source, order, batch):
-        local = {"x": inputs["image"], "position": inputs["position"]}
-        feats = extract(backbone, sharding.global_batch({"x": local["x"]}, mesh)["x"])
-        for p, name in zip(local["position"], inputs["filename"], strict=True):
+        feats = extract(backbone, sharding.global_batch({"x": inputs["image"]}, mesh)["x"])
+        positions = inputs["position"]
+        for p, name in zip(positions, inputs["filename"], strict=True):
             filenames[int(p)] = str(name)  # this process's share; others are resolved lazily
-        positions = local["position"]
         if jax.process_count() > 1:
             feats = multihost_utils.process_allgather(feats, tiled=True)
             positions = multihost_utils.process_allgather(positions, tiled=True)

@@ -19,19 +19,12 @@ from tests.conftest import ROOT  # noqa: E402
 
 CONFIG = textwrap.dedent(
     """
-    from configs import default
+    from configs import tiny
 
     def get_config():
-        config = default.get_config()
+        config = tiny.get_config()
         config.model.backbone = "efficientnet-b0"
-        config.model.random_backbone = True
-        config.model.layers = 2
         config.model.ch_exp = 32
-        config.model.local_resol = 4
-        config.model.global_resol = 2
-        config.data.image_size = (64, 64)
-        config.eval.smooth_size = 5
-        config.eval.score_pool = 8
         return config
     """
 )
@@ -51,7 +44,8 @@ def torch_model(tmp_path_factory):
     config_path = ROOT / "configs" / f"_test_convert_{os.getpid()}.py"
     config_path.write_text(CONFIG)
     backbone = ref.efficientnet("efficientnet-b0", 64)
-    head = ref.TorchCRAD(152 - 152 + 40 + 112, (8, 8), 4, 2, 2, 32, 8)
+    # C = 40 + 112: B0's blocks 4 and 10; features 8x8 at 64 px
+    head = ref.TorchCRAD(40 + 112, (8, 8), 4, 2, 2, 32, 8)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(3)
         for name, p in head.named_parameters():
