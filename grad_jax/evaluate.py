@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from tqdm import auto as tqdm
 
 from grad_jax import input_pipeline, metrics, scoring, sharding
+from grad_jax.models.model import pool_features
 from grad_jax.workdir import ModelVariables
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,11 @@ log = logging.getLogger(__name__)
 def make_predict_fn(
     variables: ModelVariables, config: ml_collections.ConfigDict, mesh=None
 ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """images `[B, H, W, 3]` uint8 (host) -> {'raw', 'smoothed': `[B, H, W]`, 'score': `[B]`}.
+    """images `[B, H, W, 3]` uint8 (host) -> {'raw', 'smoothed': `[B, H, W]`, 'score': `[B]`,
+    'pooled': `[B, D]`}.
 
-    'raw' is the anomaly map as the model outputs it (upsampled distance, no smoothing).
+    'raw' is the anomaly map as the model outputs it (upsampled distance, no smoothing);
+    'pooled' the backbone's stage outputs averaged over positions (class recognition).
     The batch is padded to a multiple of the device count and split over the devices.
     """
     mesh = mesh or sharding.make_mesh()
@@ -40,16 +43,36 @@ def make_predict_fn(
 
     def predict(backbone, params, stats, images):
         model = variables.merge(backbone, params, stats)
-        out = model(images, train=False)
+        features = model.extract(images)
+        out = model.from_features(features, train=False)
         smoothed = scoring.smooth(out.anomaly_map, size)
         return {
             "raw": out.anomaly_map,
             "smoothed": smoothed,
             "score": scoring.image_scores(smoothed, pool),
+            "pooled": pool_features(features),
         }
 
     jitted = jax.jit(predict, in_shardings=(rep, rep, rep, data), out_shardings=data)
     placed = sharding.replicate((variables.backbone, variables.params, variables.batch_stats), mesh)
+    return _on_host(jitted, placed, mesh)
+
+
+def make_pooled_fn(
+    variables: ModelVariables, mesh=None
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """images `[B, H, W, 3]` uint8 (host) -> {'pooled': `[B, D]`}: the backbone alone."""
+    mesh = mesh or sharding.make_mesh()
+    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+    def pooled(backbone, images):
+        return {"pooled": pool_features(variables.merge(backbone=backbone).extract(images))}
+
+    jitted = jax.jit(pooled, in_shardings=(rep, data), out_shardings=data)
+    return _on_host(jitted, sharding.replicate((variables.backbone,), mesh), mesh)
+
+
+def _on_host(jitted: Callable, placed: tuple, mesh) -> Callable[[np.ndarray], dict]:
     devices = jax.device_count()
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:

@@ -358,8 +358,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     done = bool(meta.get("final")) and start_step >= total_steps
     metrics_log = MetricsLog(workdir, start_step)
+    cache = None
     if not done:
-        state = _train_loop(
+        state, cache = _train_loop(
             config, variables, tx, schedules, mesh, state, backbone,
             train_source, steps_per_epoch, start_step, metrics_log, save,
         )  # fmt: skip
@@ -371,8 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     predict = evaluate.make_predict_fn(predict_vars, config, mesh)
     if not done:
         threshold = _threshold(predict, categories, held_items, config)
-        save(total_steps, state, final=True, extra={"threshold": threshold})
-        meta = {"threshold": threshold}
+        centres = _class_centres(predict_vars, cache, train_source, config, mesh)
+        meta = {"threshold": threshold, "class_centres": centres, "categories": names}
+        save(total_steps, state, final=True, extra=meta)
     ckpt.close()
 
     results = evaluate.evaluate_categories(predict, categories, config)
@@ -394,17 +396,49 @@ def _threshold(predict, categories, held_items, config) -> dict[str, Any] | None
     )
     scores = evaluate.score_items(predict, source, config.eval.batch_size, "threshold")
     q = config.threshold.quantile
-    per_category = {}
+    per_category, normal_scores = {}, {}
     for c, name in enumerate(names):
         mine = scores[[i for i, item in enumerate(held_items) if item.category == c]]
         if len(mine):
             per_category[name] = float(np.quantile(mine, q))
+            normal_scores[name] = sorted(float(x) for x in mine)  # for calibrated values
     return {
         "image_score": float(np.quantile(scores, q)),
         "quantile": q,
         "num_images": len(scores),
         "per_category": per_category,
+        "normal_scores": normal_scores,
         "source": "held-out normal training images (never trained on)",
+    }
+
+
+def _class_centres(variables, cache, train_source, config, mesh) -> dict[str, Any]:
+    """Mean pooled backbone feature of each class's training images (nearest-centre class
+    recognition at inference). From the feature cache when there is one, else one backbone pass.
+    """
+    if cache is not None:
+        pooled = np.concatenate([c.mean(axis=(1, 2), dtype=np.float64) for c in cache], axis=1)
+    else:
+        pooled_fn = evaluate.make_pooled_fn(variables, mesh)
+        parts = evaluate.predict_items(
+            pooled_fn, train_source, config.eval.batch_size, "class centres"
+        )
+        pooled = np.concatenate([out["pooled"] for _, out in parts]).astype(np.float64)
+    labels = np.array([item.category for item in train_source.items])
+    names, centres, counts = [], [], []
+    for c, name in enumerate(train_source.names):
+        mine = pooled[labels == c]
+        if len(mine):
+            names.append(name)
+            centres.append(mine.mean(axis=0).astype(np.float32).tolist())
+            counts.append(len(mine))
+    return {
+        "names": names,
+        "centres": centres,
+        "num_images": counts,
+        "feature": "backbone stage outputs "
+        f"{tuple(config.model.out_layers)} averaged over positions, concatenated",
+        "distance": "euclidean",
     }
 
 
@@ -412,7 +446,7 @@ def _train_loop(
     config, variables, tx, schedules, mesh, state, backbone, train_source,
     steps_per_epoch, start_step, metrics_log, save,
 ):  # fmt: skip
-    """Run the remaining epochs; returns the final state."""
+    """Run the remaining epochs; returns the final state and the feature cache (or None)."""
     n_train = len(train_source)
     global_batch = config.train.batch_size
     devices = jax.device_count()
@@ -474,7 +508,7 @@ def _train_loop(
             last_epoch = epoch + 1 == config.train.epochs
             if not last_epoch and every > 0 and (epoch + 1) % every == 0:
                 save(step, state)
-    return state
+    return state, cache
 
 
 class _BatchNames:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -79,6 +80,16 @@ class GradModel(nnx.Module):
         self, images: jax.Array, *, train: bool = False, noise_key: jax.Array | None = None
     ) -> HeadOutputs:
         return self.from_features(self.extract(images), train=train, noise_key=noise_key)
+
+
+def pool_features(stage_features: Sequence[jax.Array]) -> jax.Array:
+    """Stage outputs `[B, h_i, w_i, C_i]` -> `[B, sum C_i]` float32: each averaged over positions.
+
+    An image's summary for class recognition (nearest class centre); the head does not use it.
+    """
+    return jnp.concatenate(
+        [jnp.mean(f.astype(jnp.float32), axis=(1, 2)) for f in stage_features], axis=-1
+    )
 
 
 HEAD_KEYS = (
