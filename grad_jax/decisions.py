@@ -80,7 +80,7 @@ def nearest_centre(pooled: np.ndarray, centres: np.ndarray) -> np.ndarray:
 class Decisions:
     """Thresholds, calibrated values and class recognition from a model's meta dict."""
 
-    def __init__(self, meta: dict[str, Any] | None, override: float | None = None):
+    def __init__(self, meta: dict[str, Any] | None):
         meta = dict(meta or {})
         self.meta = meta
         th = meta.get("threshold") or {}
@@ -99,7 +99,15 @@ class Decisions:
         )
         names = meta.get("categories") or self.centre_names or sorted(self.per_category)
         self.categories: list[str] = [str(n) for n in names]
-        self.override = override
+        self.fixed = False  # True: every image is decided with `fixed_threshold` (maybe None)
+        self.fixed_threshold: float | None = None
+
+    def fix_threshold(self, value: float | None) -> None:
+        """Decide every image with `value` (None: make no decision), whatever its class."""
+        self.fixed, self.fixed_threshold = True, None if value is None else float(value)
+
+    def use_stored_thresholds(self) -> None:
+        self.fixed, self.fixed_threshold = False, None
 
     @property
     def can_recognise(self) -> bool:
@@ -138,8 +146,10 @@ class Decisions:
 
     def threshold_for(self, category: str | None) -> tuple[float | None, str]:
         """(threshold, where it came from) for an image of `category` (None: unknown)."""
-        if self.override is not None:
-            return self.override, "given by the caller"
+        if self.fixed:
+            if self.fixed_threshold is None:
+                return None, "none: no threshold (the caller removed it)"
+            return self.fixed_threshold, "given by the caller"
         q = f"{self.quantile:.4g} quantile" if self.quantile is not None else "quantile"
         if category is not None and category in self.per_category:
             n = len(self.normal_scores.get(category, ()))

@@ -27,19 +27,18 @@ from grad_jax.workdir import ModelVariables
 log = logging.getLogger(__name__)
 
 
-def make_predict_fn(
-    variables: ModelVariables, config: ml_collections.ConfigDict, mesh=None
-) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """images `[B, H, W, 3]` uint8 (host) -> {'raw', 'smoothed': `[B, H, W]`, 'score': `[B]`,
-    'pooled': `[B, D]`}.
+def predict_program(
+    variables: ModelVariables, config: ml_collections.ConfigDict
+) -> Callable[..., dict[str, jax.Array]]:
+    """The traced predict computation, shared by `make_predict_fn` and `grad_jax.export`:
+    (backbone, params, batch_stats, images `[B, H, W, 3]` uint8) -> {'raw', 'smoothed':
+    `[B, H, W]` float32, 'score': `[B]`, 'pooled': `[B, D]`}.
 
     'raw' is the anomaly map as the model outputs it (upsampled distance, no smoothing);
-    'pooled' the backbone's stage outputs averaged over positions (class recognition).
-    The batch is padded to a multiple of the device count and split over the devices.
+    'smoothed' the map the score is computed from; 'pooled' the backbone's stage outputs
+    averaged over positions (class recognition). The input normalisation is inside.
     """
-    mesh = mesh or sharding.make_mesh()
     size, pool = config.eval.smooth_size, config.eval.score_pool
-    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
     def predict(backbone, params, stats, images):
         model = variables.merge(backbone, params, stats)
@@ -47,12 +46,25 @@ def make_predict_fn(
         out = model.from_features(features, train=False)
         smoothed = scoring.smooth(out.anomaly_map, size)
         return {
-            "raw": out.anomaly_map,
+            "raw": out.anomaly_map.astype(jax.numpy.float32),
             "smoothed": smoothed,
             "score": scoring.image_scores(smoothed, pool),
             "pooled": pool_features(features),
         }
 
+    return predict
+
+
+def make_predict_fn(
+    variables: ModelVariables, config: ml_collections.ConfigDict, mesh=None
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """images `[B, H, W, 3]` uint8 (host) -> the outputs of `predict_program` as numpy arrays.
+
+    The batch is padded to a multiple of the device count and split over the devices.
+    """
+    mesh = mesh or sharding.make_mesh()
+    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    predict = predict_program(variables, config)
     jitted = jax.jit(predict, in_shardings=(rep, rep, rep, data), out_shardings=data)
     placed = sharding.replicate((variables.backbone, variables.params, variables.batch_stats), mesh)
     return _on_host(jitted, placed, mesh)

@@ -29,6 +29,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from grad_jax.images import resize_image  # noqa: F401  (one resize for every path)
+
 
 @dataclasses.dataclass
 class CategoryData:
@@ -100,14 +102,6 @@ def open_categories(config: ml_collections.ConfigDict) -> list[CategoryData]:
         sources = builder.as_data_source()
         out.append(CategoryData(name, sources["train"], sources["test"]))
     return out
-
-
-def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """HxWx3 uint8 -> size (h, w) with Pillow bilinear (antialiased when shrinking)."""
-    h, w = size
-    if image.shape[:2] == (h, w):
-        return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
 def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
