@@ -161,8 +161,11 @@ def main(argv: Sequence[str]) -> int:
         print(f"grad_jax: error: {'; '.join(problems)}", file=sys.stderr)
         return cli.EXIT_USER_ERROR
     cli.configure_logging()
-    with cli.friendly_errors():
-        meta = export_workdir(values.workdir, values.out, values.step, values.platforms)
+    try:
+        with cli.friendly_errors():
+            meta = export_workdir(values.workdir, values.out, values.step, values.platforms)
+    except SystemExit as err:  # a user error, already printed as one line
+        return int(err.code or 0)
     size = meta["model_bytes"] / 2**20
     print(
         f"grad_jax: exported step {meta['checkpoint_step']} of {values.workdir} to {values.out} "
