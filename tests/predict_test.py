@@ -306,7 +306,7 @@ def test_only_bad_inputs_still_write_empty_outputs(run_dir, bad_dir, tmp_path, c
     assert rc == 1
     assert f"cannot read {empty}: the folder holds no image file" in stderr
     header, rows = _read_csv(out)
-    assert header == ["file", "score", "decision", "threshold"] and rows == []
+    assert header == predict.CSV_COLUMNS and rows == []
     with np.load(out / "maps.npz") as maps:
         assert maps.files == []
 
@@ -365,7 +365,7 @@ def test_threshold_override_and_category(run_dir, good_dir, trained, good_run, t
     decisions = [r[2] for r in rows]
     assert decisions.count("normal") == below >= 2
     assert decisions.count("anomalous") == len(rows) - below >= 2
-    for _, score, decision, _ in rows:
+    for _, score, decision, *_ in rows:
         assert (decision == "anomalous") == (float(score) >= middle)
     assert f"vmax = 2 x threshold = {2 * middle:.6g}" in (out / "README.txt").read_text()
 
