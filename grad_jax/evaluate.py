@@ -115,6 +115,7 @@ class CategoryEval:
     maps: np.ndarray  # [N, H, W] smoothed anomaly maps
     masks: np.ndarray  # [N, H, W] {0, 1}
     source: Any = None  # IndexedSource, to re-read images for the report
+    pooled: np.ndarray | None = None  # [N, D] pooled backbone features (class recognition)
 
 
 def predict_items(
@@ -145,13 +146,14 @@ def evaluate_categories(
             config.data.image_size,
             names,
         )
-        scores, maps, masks, files = [], [], [], []
+        scores, maps, masks, files, pooled = [], [], [], [], []
         for inputs, outputs in predict_items(
             predict, source, config.eval.batch_size, f"eval {cat.name}"
         ):
             scores.append(outputs["score"])
             maps.append(outputs["smoothed"])
             masks.append(inputs["mask"])
+            pooled.append(outputs["pooled"])
             files.extend(inputs["filename"].tolist())
         masks_np = np.concatenate(masks)
         results.append(
@@ -163,6 +165,7 @@ def evaluate_categories(
                 np.concatenate(maps),
                 masks_np,
                 source,
+                np.concatenate(pooled),
             )
         )
     return results
@@ -175,12 +178,44 @@ def compute_metrics(results: Sequence[CategoryEval]) -> tuple[dict[str, float], 
     return metrics.evaluate(per_class)
 
 
+def recognition_accuracy(
+    results: Sequence[CategoryEval], centres: dict[str, Any]
+) -> dict[str, float]:
+    """'<category>/recognition_accuracy': the fraction of its test images whose nearest class
+    centre is their own class; 'mean/recognition_accuracy': the unweighted mean over classes."""
+    from grad_jax.decisions import nearest_centre
+
+    names = list(centres["names"])
+    table = np.asarray(centres["centres"], np.float32)
+    out = {}
+    for r in results:
+        if r.pooled is None or not len(r.pooled):
+            continue
+        guess = nearest_centre(r.pooled, table)
+        out[f"{r.name}/recognition_accuracy"] = float(np.mean([names[g] == r.name for g in guess]))
+    if out:
+        out["mean/recognition_accuracy"] = float(np.mean(list(out.values())))
+    return out
+
+
 def publish(
-    workdir: str, results: Sequence[CategoryEval], info: dict[str, Any]
+    workdir: str,
+    results: Sequence[CategoryEval],
+    info: dict[str, Any],
+    centres: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Metrics of `results` -> metrics.json, a printed table, and the visual report (process 0
-    writes; every process gets the values)."""
+    writes; every process gets the values). With class `centres` and several classes, the
+    class recognition accuracy on the test images is added."""
     values, notes = compute_metrics(results)
+    if centres and len(results) > 1:
+        recognition = recognition_accuracy(results, centres)
+        values.update(recognition)
+        if jax.process_index() == 0 and recognition:
+            print(
+                "class recognition (nearest class centre) on the test images: "
+                + ", ".join(f"{k.split('/')[0]} {100 * v:.1f}%" for k, v in recognition.items())
+            )
     if jax.process_index() == 0:
         write_metrics(workdir, values, notes, info)
         print(metrics.format_table(values))
@@ -236,4 +271,4 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
     predict = make_predict_fn(trained.variables, config)
     results = evaluate_categories(predict, categories, config)
     info = {"model": f"checkpoint step {trained.step}", "threshold": trained.meta.get("threshold")}
-    return publish(workdir, results, info)
+    return publish(workdir, results, info, trained.meta.get("class_centres"))

@@ -383,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "threshold": meta.get("threshold"),
         "step": total_steps,
     }
-    return evaluate.publish(workdir, results, info)
+    return evaluate.publish(workdir, results, info, meta.get("class_centres"))
 
 
 def _threshold(predict, categories, held_items, config) -> dict[str, Any] | None:

@@ -273,3 +273,16 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert "--workdir is required" in capsys.readouterr().err
     assert export.main(["export", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}"]) == 2
     assert "not a grad_jax run folder" in capsys.readouterr().err
+
+
+def test_recognition_accuracy_in_metrics_matches_the_exported_model(run_dir, model_dir, data):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    model = deploy.load_model(model_dir)
+    accuracies = []
+    for name in CLASSES:
+        files = sorted((data / name / "test").rglob("*.png"))
+        got = model.predict([Image.open(f) for f in files])
+        accuracies.append(np.mean([p.category == name for p in got]))
+        assert metrics[f"{name}/recognition_accuracy"] == pytest.approx(accuracies[-1])
+    assert metrics["mean/recognition_accuracy"] == pytest.approx(np.mean(accuracies))
