@@ -30,6 +30,10 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "efficientnet_pytorch==0.7.1",
     "efficientnet-lite-pytorch==0.1.0",
+    # benchmarks/latency.py: the PyTorch model exported with torch.onnx, run by onnxruntime.
+    "onnx>=1.17",
+    "onnxscript>=0.5",
+    "onnxruntime>=1.20",
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
@@ -61,6 +65,7 @@ setup(
             "grad-jax=grad_jax.main:run",
             "grad-jax-predict=grad_jax.predict:run",
             "grad-jax-convert=grad_jax.convert:run",
+            "grad-jax-export=grad_jax.export:run",
         ]
     },
 )

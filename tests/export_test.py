@@ -163,6 +163,13 @@ def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_d
         np.testing.assert_allclose(
             centres["centres"][c], pooled[labels == c].mean(0), rtol=1e-4, atol=1e-5
         )
+    # runs without the feature cache compute them with one backbone pass: the same centres
+    from grad_jax import sharding, train
+
+    trained = wd.load_trained(run_dir)
+    uncached = train._class_centres(trained.variables, None, source, config, sharding.make_mesh())
+    assert uncached["names"] == centres["names"] and uncached["num_images"] == [7, 7]
+    np.testing.assert_allclose(uncached["centres"], centres["centres"], rtol=1e-4, atol=1e-5)
 
 
 def test_loader_imports_no_training_stack(model_dir):
