@@ -127,7 +127,7 @@ def predict_items(
     bar = tqdm.tqdm(total=len(source), desc=desc, disable=jax.process_index() != 0, leave=False)
     for inputs in it:
         outputs = predict(inputs["image"])
-        bar.update(len(outputs["score"]))
+        bar.update(len(next(iter(outputs.values()))))
         yield inputs, outputs
     bar.close()
 
