@@ -75,11 +75,23 @@ class CategoryEval:
 
     name: str
     filenames: list[str]
-    labels: np.ndarray  # [N] 1 if the (resized) mask has a positive pixel, as the reference
+    # [N] the image label: where the mask is known, 1 if the (resized) mask has a positive pixel
+    # (the reference's rule); otherwise the folder's (good vs defect).
+    labels: np.ndarray
     scores: np.ndarray  # [N] image scores
     maps: np.ndarray  # [N, H, W] smoothed anomaly maps
-    masks: np.ndarray  # [N, H, W] {0, 1}
+    masks: np.ndarray  # [N, H, W] {0, 1}; all zero where has_mask is False
     source: Any = None  # IndexedSource, to re-read images for the report
+    has_mask: np.ndarray | None = None  # [N] bool; None: every mask is known
+    folder_labels: np.ndarray | None = None  # [N] 0 for test/good, 1 for test/<defect>
+
+    def label_disagreements(self) -> list[str]:
+        """Files whose mask-derived label differs from their folder's (masked images only)."""
+        if self.folder_labels is None:
+            return []
+        known = np.ones(len(self.labels), bool) if self.has_mask is None else self.has_mask
+        differ = known & ((np.asarray(self.labels) != 0) != (self.folder_labels != 0))
+        return [f for f, d in zip(self.filenames, differ, strict=True) if d]
 
 
 def predict_items(
@@ -110,34 +122,97 @@ def evaluate_categories(
             config.data.image_size,
             names,
         )
-        scores, maps, masks, files = [], [], [], []
+        scores, maps, masks, files, known, folder = [], [], [], [], [], []
         for inputs, outputs in predict_items(
             predict, source, config.eval.batch_size, f"eval {cat.name}"
         ):
             scores.append(outputs["score"])
             maps.append(outputs["smoothed"])
             masks.append(inputs["mask"])
+            known.append(inputs["has_mask"])
+            folder.append(inputs["label"])
             files.extend(inputs["filename"].tolist())
         masks_np = np.concatenate(masks)
+        has_mask = np.concatenate(known).astype(bool)
+        folder_labels = np.concatenate(folder).astype(np.int32)
         results.append(
             CategoryEval(
                 cat.name,
                 files,
-                masks_np.reshape(len(masks_np), -1).any(axis=1).astype(np.int32),
+                image_labels(masks_np, has_mask, folder_labels),
                 np.concatenate(scores),
                 np.concatenate(maps),
                 masks_np,
                 source,
+                has_mask,
+                folder_labels,
             )
         )
     return results
 
 
-def compute_metrics(results: Sequence[CategoryEval]) -> tuple[dict[str, float], list[str]]:
+def image_labels(masks: np.ndarray, has_mask: np.ndarray, folder_labels: np.ndarray) -> np.ndarray:
+    """`[N]` int32 image labels: any positive mask pixel where the mask is known (the
+    reference's rule, on the resized mask), else the folder's label (good vs defect).
+
+    masks `[N, H, W]`, has_mask `[N]` bool, folder_labels `[N]` 0/1.
+    """
+    from_masks = masks.reshape(len(masks), -1).any(axis=1)
+    return np.where(has_mask, from_masks, folder_labels != 0).astype(np.int32)
+
+
+def compute_metrics(
+    results: Sequence[CategoryEval], threshold: float | None = None
+) -> tuple[dict[str, float], list[str]]:
+    """`metrics.evaluate` of every category, plus, when a decision `threshold` (image score) is
+    known, `<category>/false_alarm_rate`: the share of good test images at or above it (the one
+    figure a test split of good images only can give)."""
     per_class = {
-        r.name: metrics.CategoryResults(r.scores, r.labels, r.maps, r.masks) for r in results
+        r.name: metrics.CategoryResults(r.scores, r.labels, r.maps, r.masks, r.has_mask)
+        for r in results
     }
-    return metrics.evaluate(per_class)
+    values, notes = metrics.evaluate(per_class)
+    for r in results:
+        files = r.label_disagreements()
+        if files:
+            notes.append(
+                f"{r.name}: {len(files)} image(s) of a defect folder have an empty mask (or a "
+                "good image a non-empty one); their label follows the mask, as the reference: "
+                + ", ".join(files[:10])
+                + (" ..." if len(files) > 10 else "")
+            )
+    if threshold is not None:
+        rates = []
+        for r in results:
+            value = metrics.false_alarm_rate(r.labels, r.scores, threshold)
+            values[f"{r.name}/false_alarm_rate"] = value
+            if not np.isnan(value):
+                rates.append(value)
+        values["mean/false_alarm_rate"] = float(np.mean(rates)) if rates else float("nan")
+    return values, notes
+
+
+def label_report(results: Sequence[CategoryEval]) -> dict[str, Any]:
+    """metrics.json entries about the ground truth: mask-vs-folder label disagreements (count
+    and files per category) and how many test images have no mask, where there are any."""
+    out: dict[str, Any] = {}
+    disagree = {r.name: r.label_disagreements() for r in results}
+    disagree = {k: {"count": len(v), "files": v} for k, v in disagree.items() if v}
+    if disagree:
+        out["label_disagreements"] = disagree
+    unmasked = {
+        r.name: int(np.count_nonzero(~r.has_mask))
+        for r in results
+        if r.has_mask is not None and not r.has_mask.all()
+    }
+    if unmasked:
+        out["images_without_mask"] = unmasked
+    return out
+
+
+def _threshold_value(threshold: Any) -> float | None:
+    value = (threshold or {}).get("image_score") if isinstance(threshold, dict) else threshold
+    return None if value is None else float(value)
 
 
 def publish(
@@ -145,9 +220,9 @@ def publish(
 ) -> dict[str, float]:
     """Metrics of `results` -> metrics.json, a printed table, and the visual report (process 0
     writes; every process gets the values)."""
-    values, notes = compute_metrics(results)
+    values, notes = compute_metrics(results, _threshold_value(info.get("threshold")))
     if jax.process_index() == 0:
-        write_metrics(workdir, values, notes, info)
+        write_metrics(workdir, values, notes, {**label_report(results), **info})
         print(metrics.format_table(values))
         for note in notes:
             print("note:", note)
@@ -164,8 +239,14 @@ def write_metrics(
     extra: dict[str, Any] | None = None,
     filename: str = "metrics.json",
 ) -> str:
-    """metrics.json: flat metric keys plus 'notes' and run information."""
-    payload: dict[str, Any] = {k: (None if np.isnan(v) else float(v)) for k, v in values.items()}
+    """metrics.json: flat metric keys plus 'notes' and run information.
+
+    An undefined metric (nan: e.g. pixel metrics without masks, image AUROC without defective
+    images) is written as the string "n/a", never as 0.
+    """
+    payload: dict[str, Any] = {
+        k: (metrics.NOT_AVAILABLE if np.isnan(v) else float(v)) for k, v in values.items()
+    }
     payload["notes"] = list(notes)
     payload.update(extra or {})
     path = os.path.join(workdir, filename)

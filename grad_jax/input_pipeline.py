@@ -7,8 +7,10 @@ batches it on background threads.
 
 Images leave the pipeline as uint8 `[B, H, W, 3]` at the configured size (Pillow bilinear, which
 antialiases on downscale exactly as the reference's torchvision Resize on PIL images does);
-masks as uint8 `[B, H, W]` in {0, 1} (Pillow nearest). The backbone's normalisation runs on the
-device, as the first operation of the jitted program, so only uint8 crosses to the device.
+masks as uint8 `[B, H, W]` in {0, 1} (Pillow nearest), with `has_mask` `[B]` bool saying
+whether the mask is ground truth (False for defects labelled by their folder only). The
+backbone's normalisation runs on the device, as the first operation of the jitted program, so
+only uint8 crosses to the device.
 
 Order: one global permutation per epoch (seeded by (seed, epoch)); global batch i is rows
 [i*B, (i+1)*B) of it, and each process reads its own contiguous slice of every global batch. The
@@ -146,7 +148,10 @@ class IndexedSource:
         return {
             "image": resize_image(image[..., :3], self.image_size),
             "mask": resize_mask(np.asarray(record["mask"]), self.image_size),
-            "label": np.int32(record["label"]),
+            "label": np.int32(record["label"]),  # from the folder: good vs defect
+            # False: a defect folder without masks (the all-zero mask means "unknown").
+            # Builds before dataset version 1.1.0 had masks for every image.
+            "has_mask": np.bool_(record.get("has_mask", True)),
             "category": np.int32(item.category),
             "position": np.int32(i),
             "filename": f"{self.names[item.category]}/{_text(record['filename'])}",
