@@ -40,7 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.categories = MVTEC_CATEGORIES  # for 'mvtec_ad'
     d.root = config_dict.placeholder(str)  # MVTec-layout folder ('folder') or manual dir
     d.data_dir = config_dict.placeholder(str)  # where TFDS datasets are built
-    d.image_size = (224, 224)
+    # (height, width), multiples of the coarsest backbone stride used (16 for out_layers (3, 4)),
+    # or 'auto': the training images' median aspect ratio at about `auto_pixels` pixels.
+    d.image_size = config_dict.FieldReference((224, 224), field_type=object)
+    d.auto_pixels = 224 * 224
     d.skip_bad_images = False
     d.num_workers = 0  # grain worker processes for decoding
 

@@ -20,6 +20,8 @@ batches are therefore the same whatever the number of processes or devices.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -30,6 +32,8 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -218,6 +222,61 @@ def epoch_order(n: int, seed: int, epoch: int, global_batch: int, devices: int) 
     full = n // global_batch * global_batch
     tail = (n - full) // devices * devices
     return perm[: full + tail]
+
+
+AUTO_SIZE = "auto"
+#: At most this many training images are measured for `data.image_size='auto'` (evenly spaced).
+AUTO_SAMPLE = 512
+
+
+def image_stride(config: ml_collections.ConfigDict) -> int:
+    """The coarsest backbone stride used: the model input's sides must be multiples of it."""
+    return 2 ** max(config.model.out_layers)
+
+
+def auto_image_size(sizes: Sequence[tuple[int, int]], pixels: int, stride: int) -> tuple[int, int]:
+    """(height, width) for images of `sizes` [(h, w), ...]: their median aspect ratio h / w, at
+    about `pixels` pixels, each side a multiple of `stride`.
+
+    The short side is rounded first (at least one stride) and the long side then keeps the pixel
+    count, so that a very elongated image does not get a much larger input than asked for.
+    """
+    if not sizes:
+        raise ValueError("no image sizes to choose an input size from")
+    aspect = float(np.median([h / w for h, w in sizes]))
+
+    def multiple(x: float) -> int:
+        return max(stride, int(round(x / stride)) * stride)
+
+    short = multiple(math.sqrt(pixels * min(aspect, 1 / aspect)))
+    long = multiple(pixels / short)
+    return (long, short) if aspect >= 1 else (short, long)
+
+
+def resolve_image_size(
+    config: ml_collections.ConfigDict, categories: Sequence[CategoryData]
+) -> tuple[int, int]:
+    """`config.data.image_size` as (height, width); 'auto' is measured on the training images
+    (up to AUTO_SAMPLE of them, evenly spaced over all categories' train splits; never a test
+    image)."""
+    size = config.data.image_size
+    if size != AUTO_SIZE:
+        return tuple(int(x) for x in size)
+    items = [(c, i) for c, cat in enumerate(categories) for i in range(len(cat.train))]
+    if len(items) > AUTO_SAMPLE:
+        picks = np.linspace(0, len(items) - 1, AUTO_SAMPLE).round().astype(int)
+        items = [items[k] for k in picks]
+    sizes = [np.asarray(categories[c].train[i]["image"]).shape[:2] for c, i in items]
+    chosen = auto_image_size(sizes, config.data.auto_pixels, image_stride(config))
+    log.info(
+        "data.image_size='auto' -> %s (height, width): median aspect ratio (h/w) %.3f of %d "
+        "training images at about %d pixels",
+        chosen,
+        float(np.median([h / w for h, w in sizes])),
+        len(sizes),
+        config.data.auto_pixels,
+    )
+    return chosen
 
 
 def split_holdout(

@@ -252,10 +252,22 @@ def validate_config(config, *, training: bool = True) -> None:
             f"model.out_stride={m.out_stride}: a power of two no larger than {finest}",
         )
         coarsest = 2 ** max(m.out_layers)
-        size_ok = len(d.image_size) == 2 and all(
-            isinstance(n, int) and n > 0 and n % coarsest == 0 for n in d.image_size
-        )
-        need(size_ok, f"data.image_size={tuple(d.image_size)}: two multiples of {coarsest}")
+        if d.image_size == input_pipeline.AUTO_SIZE:
+            need(
+                isinstance(d.auto_pixels, int) and d.auto_pixels >= coarsest * coarsest,
+                f"data.auto_pixels={d.auto_pixels!r}: an int of at least {coarsest * coarsest}",
+            )
+        else:
+            size_ok = (
+                isinstance(d.image_size, tuple | list)
+                and len(d.image_size) == 2
+                and all(isinstance(n, int) and n > 0 and n % coarsest == 0 for n in d.image_size)
+            )
+            need(
+                size_ok,
+                f"data.image_size={d.image_size!r}: (height, width), two multiples of the "
+                f"coarsest stride {coarsest} (e.g. {(coarsest * 14, coarsest * 6)}), or 'auto'",
+            )
     need(
         d.dataset in ("mvtec_ad", "folder", "demo"), "data.dataset: 'mvtec_ad', 'folder' or 'demo'"
     )
@@ -284,6 +296,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
 
     categories = input_pipeline.open_categories(config)
+    with config.ignore_type():  # 'auto' becomes the chosen (height, width), kept in config.json
+        config.data.image_size = input_pipeline.resolve_image_size(config, categories)
     names = [c.name for c in categories]
     train_items, held_items = input_pipeline.split_holdout(
         categories, config.threshold.holdout_fraction, config.seed
