@@ -14,8 +14,9 @@ from grad_jax import workdir as wd
 
 torch = pytest.importorskip("torch")
 
+from grad_jax.models.neck import mfcn  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
-from tests.parity_test import assert_close, nchw, torch_input  # noqa: E402
+from tests.parity_test import _tiny_head, assert_close, nchw  # noqa: E402
 
 TALL = (200, 80)  # a line-scan-like part, 2.5 times taller than wide
 
@@ -78,44 +79,26 @@ def test_image_size_validation():
         train.validate_config(config)
 
 
-def test_whole_model_on_a_non_square_input_matches_pytorch():
-    """Backbone, neck, the [G, G, H, W, C] global grid and the align-corners upsampling at
-    H != W, against the PyTorch reference built from the method specification."""
-    from flax import nnx
-
-    from grad_jax import convert
-    from grad_jax.models.model import GradModel
-    from tests.parity_test import torch_state
-
-    hw = (80, 32)
-    ours = GradModel(
-        backbone="efficientnet-b0",
-        out_layers=(3, 4),
-        out_stride=8,
-        image_size=hw,
-        head=dict(local_resol=4, global_resol=2, layers=2, ch_exp=32),
-        rngs=nnx.Rngs(0),
+def test_neck_and_head_on_a_non_square_feature_map_match_pytorch():
+    """The align-corners upsampling (neck and map), the [G, G, H, W, C] global grid and the
+    local lookup at H != W, against the PyTorch reference built from the method specification."""
+    rng = np.random.default_rng(0)
+    f3 = rng.normal(size=(2, 10, 4, 5)).astype(np.float32)
+    f4 = rng.normal(size=(2, 5, 2, 7)).astype(np.float32)
+    got = mfcn([jnp.asarray(f3), jnp.asarray(f4)], (8, 16), 8)
+    want = ref.mfcn(
+        [torch.from_numpy(nchw(f3).copy()), torch.from_numpy(nchw(f4).copy())], [8, 16], 8
     )
-    tb = ref.efficientnet("efficientnet-b0", 64)
-    c = sum(ours.backbone.out_channels)
-    th = ref.TorchCRAD(c, (hw[0] // 8, hw[1] // 8), 4, 2, 2, 32, 8)
+    assert got.shape == (2, 10, 4, 12)
+    assert_close(nchw(got), want, "neck")
+
+    ours, theirs = _tiny_head(feature_hw=(10, 4))
+    x = rng.normal(size=(3, 10, 4, 12)).astype(np.float32) * 2
+    got = ours(jnp.asarray(x), train=False)
     with torch.no_grad():
-        gen = torch.Generator().manual_seed(2)
-        for name, p in th.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "query" in name else 0.2))
-    theirs = ref.TorchGrad(tb, ours.backbone.out_blocks, (8, 16), 8, th).eval()
-    state = {f"module.backbone.{k}": v for k, v in torch_state(theirs.backbone).items()}
-    state.update(torch_state(theirs.reconstruction, "module.reconstruction."))
-    convert.apply_pairs(
-        ours.backbone, convert.backbone_pairs(ours.backbone, "module.backbone."), state, "torch"
-    )
-    convert.apply_pairs(ours.head, convert.head_pairs(ours.head), state, "torch")
-    x = np.random.default_rng(5).integers(0, 256, (2, *hw, 3), dtype=np.uint8)
-    got = ours(jnp.asarray(x))
-    with torch.no_grad():
-        want = theirs(torch_input(x, "efficientnet-b0"))
-    assert got.anomaly_map.shape == (2, *hw)
-    assert_close(nchw(got.feature_align), want["feature_align"], "features")
+        want = theirs.eval()(torch.from_numpy(nchw(x).copy()))
+    assert got.anomaly_map.shape == (3, 40, 16)
+    assert_close(nchw(got.reconstruction), want["reconstruction"], "reconstruction")
     assert_close(got.anomaly_map, want["anomaly_map"], "anomaly map")
 
 
