@@ -44,6 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
     # or 'auto': the training images' median aspect ratio at about `auto_pixels` pixels.
     d.image_size = config_dict.FieldReference((224, 224), field_type=object)
     d.auto_pixels = 224 * 224
+    # Tiling (off with size 0): scale images by `scale`, cut size x size tiles overlapping by at
+    # least `overlap` px; train on tiles, stitch their maps (overlaps averaged) for scoring.
+    d.tile = ml_collections.ConfigDict()
+    d.tile.size = 0  # a multiple of the coarsest stride; the model input becomes (size, size)
+    d.tile.overlap = 0
+    d.tile.scale = 1.0  # 1.0: native resolution
     d.skip_bad_images = False
     d.num_workers = 0  # grain worker processes for decoding
 

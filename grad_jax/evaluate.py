@@ -69,6 +69,54 @@ def make_predict_fn(
     return run
 
 
+def make_tiled_predict_fn(
+    predict_tiles: Callable[[np.ndarray], dict[str, np.ndarray]],
+    config: ml_collections.ConfigDict,
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """Whole images by their tiles: images `[B, H, W, 3]` uint8 (any H, W of at least one tile,
+    already at the tiling scale) -> {'raw', 'smoothed': `[B, H, W]`, 'score': `[B]`}.
+
+    Every tile is scored by `predict_tiles` (a `make_predict_fn` at the tile size, fed batches
+    of exactly `eval.batch_size` tiles so it compiles once); the tiles' raw maps are stitched
+    (overlaps averaged), then the stitched map is smoothed and scored as a whole.
+    """
+    from grad_jax import tiling
+
+    size, overlap = config.data.tile.size, config.data.tile.overlap
+    batch = config.eval.batch_size
+    smooth_size, pool = config.eval.smooth_size, config.eval.score_pool
+
+    @jax.jit
+    def finish(raw):
+        smoothed = scoring.smooth(raw, smooth_size)
+        return smoothed, scoring.image_scores(smoothed, pool)
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.asarray(images)
+        hw = images.shape[1:3]
+        boxes = tiling.tile_boxes(hw, size, overlap)
+        tiles = np.concatenate([tiling.cut(image, boxes, size) for image in images])
+        maps = []
+        for start in range(0, len(tiles), batch):
+            chunk = tiles[start : start + batch]
+            padded = np.zeros((batch, *chunk.shape[1:]), chunk.dtype)
+            padded[: len(chunk)] = chunk
+            maps.append(predict_tiles(padded)["raw"][: len(chunk)])
+        maps = np.concatenate(maps).reshape(len(images), len(boxes), size, size)
+        raw = np.stack([tiling.stitch(m, boxes, hw) for m in maps])
+        smoothed, score = finish(raw)
+        return {"raw": raw, "smoothed": np.asarray(smoothed), "score": np.asarray(score)}
+
+    return run
+
+
+def _scoring(predict: Callable, config: ml_collections.ConfigDict) -> Callable:
+    """`predict` itself, or its tiled form when `data.tile.size > 0`."""
+    if input_pipeline.tiling_on(config):
+        return make_tiled_predict_fn(predict, config)
+    return predict
+
+
 @dataclasses.dataclass
 class CategoryEval:
     """Everything the metrics and the report need about one category's test split."""
@@ -113,15 +161,16 @@ def evaluate_categories(
     categories: Sequence[input_pipeline.CategoryData],
     config: ml_collections.ConfigDict,
 ) -> list[CategoryEval]:
+    """Score every test image of every category. With tiling, images are read at their tiling
+    scale and scored by their stitched maps; maps and masks are then at that size."""
     names = [c.name for c in categories]
+    predict = _scoring(predict, config)
+    tests = [x.test for x in categories]
     results = []
     for c, cat in enumerate(categories):
-        source = input_pipeline.IndexedSource(
-            [x.test for x in categories],
-            input_pipeline.test_items(categories, c),
-            config.data.image_size,
-            names,
-        )
+        items = input_pipeline.test_items(categories, c)
+        size = input_pipeline.eval_image_size(config, tests, items)
+        source = input_pipeline.IndexedSource(tests, items, size, names)
         scores, maps, masks, files, known, folder = [], [], [], [], [], []
         for inputs, outputs in predict_items(
             predict, source, config.eval.batch_size, f"eval {cat.name}"
@@ -264,6 +313,20 @@ def score_items(
     if len(source) == 0:
         return np.zeros((0,), np.float32)
     return np.concatenate([out["score"] for _, out in predict_items(predict, source, batch, desc)])
+
+
+def score_held_out(
+    predict: Callable,
+    categories: Sequence[input_pipeline.CategoryData],
+    items: Sequence[input_pipeline.Item],
+    config: ml_collections.ConfigDict,
+) -> np.ndarray:
+    """Image scores of training-split `items` (the held-out normal images), scored as the test
+    images are (whole images, or stitched tiles)."""
+    sources = [c.train for c in categories]
+    size = input_pipeline.eval_image_size(config, sources, items)
+    source = input_pipeline.IndexedSource(sources, items, size, [c.name for c in categories])
+    return score_items(_scoring(predict, config), source, config.eval.batch_size, "threshold")
 
 
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict:

@@ -20,6 +20,7 @@ batches are therefore the same whatever the number of processes or devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -32,6 +33,8 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from grad_jax import tiling
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +259,12 @@ def auto_image_size(sizes: Sequence[tuple[int, int]], pixels: int, stride: int) 
 def resolve_image_size(
     config: ml_collections.ConfigDict, categories: Sequence[CategoryData]
 ) -> tuple[int, int]:
-    """`config.data.image_size` as (height, width); 'auto' is measured on the training images
-    (up to AUTO_SAMPLE of them, evenly spaced over all categories' train splits; never a test
-    image)."""
+    """The model input size (height, width): `config.data.image_size`, where 'auto' is measured
+    on the training images (up to AUTO_SAMPLE of them, evenly spaced over all categories' train
+    splits; never a test image), or the tile with `data.tile.size > 0`."""
     size = config.data.image_size
+    if tiling_on(config):  # the model sees tiles
+        return (config.data.tile.size, config.data.tile.size)
     if size != AUTO_SIZE:
         return tuple(int(x) for x in size)
     items = [(c, i) for c, cat in enumerate(categories) for i in range(len(cat.train))]
@@ -277,6 +282,108 @@ def resolve_image_size(
         config.data.auto_pixels,
     )
     return chosen
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+def tiling_on(config: ml_collections.ConfigDict) -> bool:
+    """True when `data.tile.size > 0`: train and score on tiles (see grad_jax/tiling.py)."""
+    tile = config.data.get("tile")
+    return bool(tile is not None and tile.size > 0)
+
+
+def scaled_size(config: ml_collections.ConfigDict, image_hw: Sequence[int]) -> tuple[int, int]:
+    """The size an image of `image_hw` is scaled to before it is cut into tiles."""
+    t = config.data.tile
+    return tiling.scaled_size(image_hw, t.scale, t.size)
+
+
+def record_size(source: Any, index: int) -> tuple[int, int]:
+    """(height, width) of a record's image (decodes it)."""
+    return tuple(np.asarray(source[index]["image"]).shape[:2])
+
+
+def eval_image_size(
+    config: ml_collections.ConfigDict, sources: Sequence[Any], items: Sequence[Item]
+) -> tuple[int, int]:
+    """The size `items` are read at for scoring: the model input size, or with tiling the scaled
+    size of their images (the most common one if they differ: the others are resized to it, so
+    that the maps of a category stack into one array)."""
+    if not tiling_on(config):
+        return tuple(config.data.image_size)
+    sizes = [scaled_size(config, record_size(sources[it.category], it.index)) for it in items]
+    if not sizes:
+        return tuple(config.data.image_size)
+    values, counts = np.unique(np.asarray(sizes), axis=0, return_counts=True)
+    common = tuple(int(x) for x in values[int(np.argmax(counts))])
+    if len(values) > 1:
+        log.info(
+            "tiling: %d image sizes among %d images; all scored at the most common one, %s",
+            len(values),
+            len(sizes),
+            common,
+        )
+    return common
+
+
+class TiledSource:
+    """The tiles of chosen images, for training: same records as `IndexedSource`, one per tile.
+
+    Every image is scaled (`data.tile.scale`) and cut into `data.tile.size` squares overlapping
+    by at least `data.tile.overlap` pixels. The few most recent scaled images are kept, so the
+    tiles of one image read in a row decode it once.
+    """
+
+    def __init__(self, sources: Sequence[Any], items: Sequence[Item], config, names):
+        t = config.data.tile
+        self.sources, self.items, self.names = sources, list(items), list(names)
+        self.size = int(t.size)
+        self.image_size = (self.size, self.size)
+        self.entries: list[tuple[int, int, int, tuple[int, int]]] = []  # item, y, x, scaled hw
+        for k, item in enumerate(self.items):
+            hw = scaled_size(config, record_size(sources[item.category], item.index))
+            self.entries += [(k, y, x, hw) for y, x in tiling.tile_boxes(hw, self.size, t.overlap)]
+        self._scaled = functools.lru_cache(maxsize=8)(self._read_scaled)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _read_scaled(self, k: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, Any]:
+        item = self.items[k]
+        record = self.sources[item.category][item.index]
+        image = np.asarray(record["image"])
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        image = resize_image(image[..., :3], hw)
+        return image, resize_mask(np.asarray(record["mask"]), hw), record
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k, y, x, hw = self.entries[i]
+        image, mask, record = self._scaled(k, hw)
+        s = self.size
+        item = self.items[k]
+        return {
+            "image": np.ascontiguousarray(image[y : y + s, x : x + s]),
+            "mask": np.ascontiguousarray(mask[y : y + s, x : x + s]),
+            "label": np.int32(record["label"]),
+            "has_mask": np.bool_(record.get("has_mask", True)),
+            "category": np.int32(item.category),
+            "position": np.int32(i),
+            "filename": f"{self.names[item.category]}/{_text(record['filename'])}@{y},{x}",
+        }
+
+
+def training_source(
+    config: ml_collections.ConfigDict,
+    sources: Sequence[Any],
+    items: Sequence[Item],
+    names: Sequence[str],
+) -> IndexedSource | TiledSource:
+    """What the model trains on: the images at the input size, or their tiles."""
+    if tiling_on(config):
+        return TiledSource(sources, items, config, names)
+    return IndexedSource(sources, items, config.data.image_size, names)
 
 
 def split_holdout(

@@ -17,7 +17,8 @@ PATHs are image files or folders (searched recursively for .png .jpg .jpeg .bmp 
 any letter case; hidden files and folders are skipped). Results in --out:
 
 - `scores.csv`: `file,score,decision,threshold`, one row per scored image;
-- `maps.npz`: the raw anomaly map (float32, model input size) of every image, keyed like `file`;
+- `maps.npz`: the raw anomaly map (float32, model input size; with tiling the stitched map at
+  the original size) of every image, keyed like `file`;
 - `overlays/<file>.png`: the heat map over the image at its original size;
 - `README.txt`: what was run, the threshold and the overlay colour range used.
 
@@ -67,7 +68,8 @@ class Prediction:
 
     score: the image anomaly score (higher = more anomalous).
     anomaly_map: `[H, W]` float32, the raw per-pixel anomaly map at the model input size
-        (before the smoothing that the score is computed from).
+        (before the smoothing that the score is computed from); with tiling, the stitched map
+        resized (bilinear) to the image's original size.
     is_anomalous: `score >= threshold`, or None when no threshold is known.
     """
 
@@ -173,6 +175,10 @@ class Predictor:
         self._predict_fn: Callable[[np.ndarray], dict[str, np.ndarray]] = evaluate.make_predict_fn(
             variables, config
         )
+        # Tiling: images keep their size here; each is scaled, cut, scored and stitched.
+        self.tiled = input_pipeline.tiling_on(config)
+        if self.tiled:
+            self._tiled_fn = evaluate.make_tiled_predict_fn(self._predict_fn, config)
 
     @classmethod
     def from_workdir(
@@ -214,8 +220,12 @@ class Predictor:
         return {k: float(v) for k, v in (th.get("per_category") or {}).items() if v is not None}
 
     def prepare(self, image: Any, name: str = "<image>") -> np.ndarray:
-        """One image (see `to_rgb8`) -> `[H, W, 3]` uint8 at the model input size."""
-        return input_pipeline.resize_image(to_rgb8(image, name), self.image_size)
+        """One image (see `to_rgb8`) -> `[H, W, 3]` uint8 at the model input size (with tiling:
+        at its own size; `predict_prepared` cuts it)."""
+        return self._model_input(to_rgb8(image, name))
+
+    def _model_input(self, rgb: np.ndarray) -> np.ndarray:
+        return rgb if self.tiled else input_pipeline.resize_image(rgb, self.image_size)
 
     def decide(self, score: float) -> bool | None:
         return None if self.threshold is None else bool(score >= self.threshold)
@@ -248,6 +258,8 @@ class Predictor:
             return []
         if n > self.batch_size:
             raise ValueError(f"{n} images in one batch; at most batch_size={self.batch_size}")
+        if self.tiled:
+            return [self._predict_tiled(image) for image in batch]
         h, w = self.image_size
         x = np.zeros((self.batch_size, h, w, 3), np.uint8)  # padded: one program for all
         for i, image in enumerate(batch):
@@ -266,6 +278,17 @@ class Predictor:
             for i in range(n)
         ]
 
+    def _predict_tiled(self, image: np.ndarray) -> Prediction:
+        """One image at its own size: scaled, tiled, stitched; map back at the original size."""
+        original = image.shape[:2]
+        scaled = input_pipeline.resize_image(
+            image, input_pipeline.scaled_size(self.config, original)
+        )
+        result = self._tiled_fn(scaled[None])
+        score = float(result["score"][0])
+        raw = _upsample(np.asarray(result["raw"][0], np.float32), original)
+        return Prediction(score, raw, self.decide(score))
+
     def iter_files(
         self, paths: Iterable[str | os.PathLike]
     ) -> Iterator[tuple[str, np.ndarray | None, Prediction | None, str | None]]:
@@ -275,7 +298,7 @@ class Predictor:
 
         def load(path: str) -> tuple[np.ndarray, np.ndarray]:
             original = read_image(path)
-            return original, input_pipeline.resize_image(original, self.image_size)
+            return original, self._model_input(original)
 
         pending: list[tuple[str, Any, str | None]] = []  # (path, images or None, reason)
         waiting = 0
@@ -591,9 +614,22 @@ def _readme(predictor, scored, failed, anomalous, threshold_source, vmin, vmax) 
         "               path relative to the folder it was found in (or the file's name when it",
         "               was given directly); decision is 'anomalous' when score >= threshold,",
         "               'normal' otherwise, and empty when no threshold is known.",
-        f"  maps.npz     one float32 array of {h}x{w} per image, keyed like 'file': the raw",
-        "               anomaly map at the model input size (per-pixel distance, before the",
-        "               smoothing the score is computed from).",
+        *(
+            [
+                "  maps.npz     one float32 array per image at its original size, keyed like",
+                f"               'file': the raw maps of its {h}x{w} tiles, stitched (overlaps",
+                "               averaged) and resized to the image (per-pixel distance, before",
+                "               the smoothing the score is computed from).",
+            ]
+            if predictor.tiled
+            else [
+                f"  maps.npz     one float32 array of {h}x{w} per image, keyed like 'file': "
+                "the raw",
+                "               anomaly map at the model input size (per-pixel distance, before "
+                "the",
+                "               smoothing the score is computed from).",
+            ]
+        ),
         "  overlays/    <file>.png: the raw map, upsampled (bilinear) to the image's original",
         "               size, in jet colours (blue = low, red = high) blended over the image.",
         "",

@@ -268,6 +268,17 @@ def validate_config(config, *, training: bool = True) -> None:
                 f"data.image_size={d.image_size!r}: (height, width), two multiples of the "
                 f"coarsest stride {coarsest} (e.g. {(coarsest * 14, coarsest * 6)}), or 'auto'",
             )
+        tile = d.get("tile")
+        if tile is not None and tile.size:
+            need(
+                isinstance(tile.size, int) and tile.size > 0 and tile.size % coarsest == 0,
+                f"data.tile.size={tile.size!r}: 0 (off) or a multiple of {coarsest}",
+            )
+            need(
+                isinstance(tile.overlap, int) and 0 <= tile.overlap < tile.size,
+                f"data.tile.overlap={tile.overlap!r}: pixels in [0, data.tile.size)",
+            )
+            need(tile.scale > 0, f"data.tile.scale={tile.scale!r}: positive (1.0 = native)")
     need(
         d.dataset in ("mvtec_ad", "folder", "demo"), "data.dataset: 'mvtec_ad', 'folder' or 'demo'"
     )
@@ -303,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         categories, config.threshold.holdout_fraction, config.seed
     )
     sources = [c.train for c in categories]
-    train_source = input_pipeline.IndexedSource(sources, train_items, config.data.image_size, names)
+    train_source = input_pipeline.training_source(config, sources, train_items, names)
     n_train = len(train_source)
     if n_train == 0:
         raise ConfigError(
@@ -402,11 +413,8 @@ def _threshold(predict, categories, held_items, config) -> dict[str, Any] | None
     if not held_items:
         log.info("no held-out images (threshold.holdout_fraction = 0): no decision threshold")
         return None
+    scores = evaluate.score_held_out(predict, categories, held_items, config)
     names = [c.name for c in categories]
-    source = input_pipeline.IndexedSource(
-        [c.train for c in categories], held_items, config.data.image_size, names
-    )
-    scores = evaluate.score_items(predict, source, config.eval.batch_size, "threshold")
     q = config.threshold.quantile
     per_category = {}
     for c, name in enumerate(names):
