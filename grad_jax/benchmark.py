@@ -72,10 +72,13 @@ def _peak_memory() -> dict[str, float]:
 
 
 def run_benchmark(config, batch: int, steps: int, pretrained: bool, parts) -> dict:
-    from grad_jax import evaluate, sharding, train, workdir
+    from grad_jax import evaluate, input_pipeline, sharding, train, workdir
     from grad_jax.optim import make_optimizer
 
     config = config.copy_and_resolve_references()
+    if input_pipeline.tiling_on(config):  # the model sees tiles
+        with config.ignore_type():
+            config.data.image_size = (config.data.tile.size, config.data.tile.size)
     config.model.random_backbone = not pretrained
     config.eval.batch_size = batch
     sharding.check_batch_size(batch, "--batch")

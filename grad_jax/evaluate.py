@@ -339,9 +339,11 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
         from grad_jax.train import validate_config
 
         validate_config(config, training=False)
-        if config.data.image_size == input_pipeline.AUTO_SIZE:  # the size the run chose
-            config = config.copy_and_resolve_references()
-            with config.ignore_type():
+        config = config.copy_and_resolve_references()
+        with config.ignore_type():  # the model input the run trained at
+            if input_pipeline.tiling_on(config):
+                config.data.image_size = (config.data.tile.size, config.data.tile.size)
+            elif config.data.image_size == input_pipeline.AUTO_SIZE:
                 config.data.image_size = tuple(wd.read_config(workdir).data.image_size)
     trained = wd.load_trained(workdir, config=config)
     config = trained.config

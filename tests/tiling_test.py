@@ -151,6 +151,9 @@ def test_tiled_run_evaluates_stitched_maps_and_predicts_at_the_original_size(hig
     assert saved["highres/pixel_auroc"] == pytest.approx(values["highres/pixel_auroc"])
     config = json.loads((workdir / "config.json").read_text())
     assert config["data"]["image_size"] == [128, 128]  # the model input is the tile
+    # --mode=eval with the same config file reloads the tiled model and scores the same
+    again = evaluate.evaluate_workdir(str(workdir), _config(root, data_dir, True))
+    assert again["highres/pixel_auroc"] == pytest.approx(values["highres/pixel_auroc"], abs=1e-9)
 
     out = workdir / "scored"
     flat = str(root / "test" / "flat")
