@@ -134,6 +134,25 @@ def tiled_run(highres, tmp_path_factory):
     return workdir, values
 
 
+def test_training_source_yields_the_tiles_of_the_scaled_images(highres):
+    """Training reads tiles: crops of each image scaled by data.tile.scale (Pillow bilinear,
+    independently computed here), every tile of every training image once."""
+    root, data_dir = highres
+    config = _config(root, data_dir, True)
+    categories = input_pipeline.open_categories(config)
+    items = [input_pipeline.Item(0, i) for i in range(len(categories[0].train))]
+    source = input_pipeline.training_source(config, [categories[0].train], items, ["highres"])
+    boxes = tiling.tile_boxes((512, 512), 128, 32)
+    assert len(boxes) == 25 and len(source) == 25 * len(items)
+    for k in (0, 7, 31, len(source) - 1):
+        record = source[k]
+        i, (y, x) = k // 25, boxes[k % 25]
+        assert record["filename"] == f"highres/train/good/{i:03d}.png@{y},{x}"
+        full = Image.open(root / "train" / "good" / f"{i:03d}.png")
+        scaled = np.asarray(full.convert("RGB").resize((512, 512), Image.BILINEAR))
+        np.testing.assert_array_equal(record["image"], scaled[y : y + 128, x : x + 128])
+
+
 def test_tiling_finds_small_defects_that_resizing_misses(highres, tiled_run, tmp_path):
     root, data_dir = highres
     _, tiled = tiled_run
