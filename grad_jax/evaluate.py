@@ -225,8 +225,9 @@ def compute_metrics(
         files = r.label_disagreements()
         if files:
             notes.append(
-                f"{r.name}: {len(files)} image(s) of a defect folder have an empty mask (or a "
-                "good image a non-empty one); their label follows the mask, as the reference: "
+                f"{r.name}: {len(files)} image(s) of a defect folder have a mask that is empty "
+                "at the evaluation size (or a good image a non-empty one); their label follows "
+                "the mask, as the reference's: "
                 + ", ".join(files[:10])
                 + (" ..." if len(files) > 10 else "")
             )
