@@ -62,7 +62,7 @@ setup(
             "*/TAGS.txt",
             "*/checksums.tsv",
             "*/dummy_data/**/*",
-        ]
+        ],
     },
     install_requires=INSTALL_REQUIRES,
     extras_require={"serve": SERVE_REQUIRES, "test": TEST_REQUIRES},

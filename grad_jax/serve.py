@@ -59,7 +59,7 @@ def main(argv: Sequence[str]) -> int:
 
     values = _define_flags()
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print((__doc__ or "").strip() + "\n\nflags:\n" + values.get_help(False))
+        print((__doc__ or "").strip() + "\n\nflags:\n" + values.get_help(include_special_flags=False))
         return EXIT_OK
 
     def usage_error(message: str) -> int:

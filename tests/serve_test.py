@@ -353,6 +353,56 @@ def test_full_queue_answers_503_with_retry_after(predictor, good_files):
     assert model.calls == [1, 3, 1]
 
 
+class ExportedLike:
+    """A model with the exported model's interface: per-class decisions, calibrated values and
+    class recognition (here: a fixed rule), to check that the service passes them through."""
+
+    image_size, categories, batch_size = SIZE, ["bolt", "nut"], 4
+    meta = {"source": "exported", "categories": ["bolt", "nut"]}
+
+    def __init__(self):
+        self.seen: list = []
+
+    def predict(self, images, categories=None):
+        self.seen.append(None if categories is None else list(categories))
+        out = []
+        for i, image in enumerate(images):
+            category = (categories or [None] * len(images))[i] or "nut"  # "recognised"
+            score = float(image.mean()) / 255.0
+            threshold = {"bolt": 0.9, "nut": 0.1}[category]
+            out.append(
+                service.Decided(
+                    score=score,
+                    anomaly_map=np.full(SIZE, score, np.float32),
+                    is_anomalous=score >= threshold,
+                    category=category,
+                    calibrated=0.75,
+                    threshold=threshold,
+                    threshold_source=f"class {category}",
+                )
+            )
+        return out
+
+
+def test_an_exported_model_s_fields_pass_through(good_files):
+    from fastapi.testclient import TestClient
+
+    model = ExportedLike()
+    with TestClient(service.create_app(model, LIMITS, warm_up=False)) as c:
+        auto = post(c, [("good.png", good_files["good.png"])]).json()["results"][0]
+        chosen = post(c, [("good.png", good_files["good.png"])], category="bolt").json()
+        assert c.get("/v1/model").json()["meta"] == ExportedLike.meta
+    assert (auto["category"], auto["threshold"], auto["threshold_source"]) == (
+        "nut",
+        0.1,
+        "class nut",
+    )
+    assert auto["calibrated"] == 0.75 and auto["decision"] == "anomalous"
+    x = chosen["results"][0]
+    assert (x["category"], x["threshold"], x["decision"]) == ("bolt", 0.9, "normal")
+    assert model.seen == [None, ["bolt"]]  # no class given: None, for the model to recognise
+
+
 # --------------------------------------------------------------------------------------------
 # The batcher alone.
 # --------------------------------------------------------------------------------------------
@@ -410,6 +460,9 @@ def test_batcher_arguments():
 def test_serve_command_usage_errors(tiny_run, tmp_path, capsys):
     from grad_jax import serve
 
+    assert serve.main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m grad_jax.serve --model=MODEL_DIR" in out and "--max_pixels" in out
     assert serve.main(["serve"]) == 2
     assert "exactly one of --model=MODEL_DIR and --workdir=RUN_DIR" in capsys.readouterr().err
     assert serve.main(["serve", f"--workdir={tmp_path}"]) == 2
