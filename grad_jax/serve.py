@@ -59,7 +59,9 @@ def main(argv: Sequence[str]) -> int:
 
     values = _define_flags()
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print((__doc__ or "").strip() + "\n\nflags:\n" + values.get_help(include_special_flags=False))
+        print(
+            (__doc__ or "").strip() + "\n\nflags:\n" + values.get_help(include_special_flags=False)
+        )
         return EXIT_OK
 
     def usage_error(message: str) -> int:
@@ -86,21 +88,29 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as err:
         return usage_error(f"--{err}")
 
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401 - python-multipart, for the uploads
+        import uvicorn
+    except ImportError as err:
+        return usage_error(
+            f"the service needs FastAPI, uvicorn and python-multipart ({err}): "
+            'pip install -e ".[serve]"'
+        )
 
-    from grad_jax import checkpointing, cli, service
+    from grad_jax import checkpointing, cli, served_model, service
 
     cli.configure_logging()
     with cli.friendly_errors():
         try:
-            model = service.load_model(
+            model = served_model.load_model(
                 values.model, values.workdir, batch_size=values.batch_size, step=values.step
             )
             app = service.create_app(
                 model, limits, max_wait_ms=values.max_wait_ms, max_queue=values.max_queue
             )
         except (
-            service.ModelUnavailable,
+            served_model.ModelUnavailable,
             FileNotFoundError,
             ValueError,
             checkpointing.CheckpointMismatchError,

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import predict, service
+from grad_jax import predict, served_model, service
 from tfds_mvtec.mvtec_ad import layout
 
 CHROMIUM = "/usr/bin/chromium"
@@ -54,7 +54,7 @@ def server(predictor):
     """`(base URL, app)`: the service on a free loopback port, in a thread of this process."""
     import uvicorn
 
-    app = service.create_app(service.PredictorModel(predictor))
+    app = service.create_app(served_model.PredictorModel(predictor))
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     )

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import batching, predict, service, uploads, visualize
+from grad_jax import batching, predict, served_model, service, uploads, visualize
 from tfds_mvtec.mvtec_ad import layout
 
 SIZE = (64, 64)  # configs/tiny.py
@@ -38,7 +38,7 @@ def predictor(tiny_run):
 def client(predictor):
     from fastapi.testclient import TestClient
 
-    app = service.create_app(service.PredictorModel(predictor), LIMITS, max_wait_ms=5)
+    app = service.create_app(served_model.PredictorModel(predictor), LIMITS, max_wait_ms=5)
     with TestClient(app) as c:
         yield c
 
@@ -313,7 +313,7 @@ def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
 def test_concurrent_requests_share_device_calls(predictor, good_files):
     from fastapi.testclient import TestClient
 
-    model = GatedModel(service.PredictorModel(predictor))
+    model = GatedModel(served_model.PredictorModel(predictor))
     app = service.create_app(model, LIMITS, max_wait_ms=5, warm_up=False)
     names = ["good.png", "defect.png", "gray.png", "photo.jpg", "rgba.png", "big.bmp", "small.tif"]
     with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -334,7 +334,7 @@ def test_concurrent_requests_share_device_calls(predictor, good_files):
 def test_full_queue_answers_503_with_retry_after(predictor, good_files):
     from fastapi.testclient import TestClient
 
-    model = GatedModel(service.PredictorModel(predictor))
+    model = GatedModel(served_model.PredictorModel(predictor))
     app = service.create_app(model, LIMITS, max_wait_ms=5, max_queue=4, warm_up=False)
     blank = (np.zeros((*SIZE, 3), np.uint8), None)
     with TestClient(app) as c:
@@ -371,7 +371,7 @@ class ExportedLike:
             score = float(image.mean()) / 255.0
             threshold = {"bolt": 0.9, "nut": 0.1}[category]
             out.append(
-                service.Decided(
+                served_model.Decided(
                     score=score,
                     anomaly_map=np.full(SIZE, score, np.float32),
                     is_anomalous=score >= threshold,
