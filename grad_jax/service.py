@@ -132,7 +132,10 @@ def create_app(
         finally:
             app.state.batcher.close()
 
-    app = FastAPI(title="grad_jax inspection service", lifespan=lifespan, docs_url="/docs")
+    # No /docs or /redoc: FastAPI loads those pages from a CDN; /openapi.json stays.
+    app = FastAPI(
+        title="grad_jax inspection service", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
 
     def error(status: int, message: str, **headers: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers or None)

@@ -273,6 +273,9 @@ def test_page_is_self_contained(client):
     lowered = page.lower()
     assert "http://" not in lowered and "https://" not in lowered and "//cdn" not in lowered
     assert "<link" not in lowered and "<script src" not in lowered and "@import" not in lowered
+    # nothing else the server offers needs the internet either
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
 
 
 # --------------------------------------------------------------------------------------------
