@@ -81,7 +81,10 @@ def make_train_step(
             "opt_state": opt_state,
         }
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        return new_state, {"loss": loss, "grad_norm": grad_norm}
+        # Every process's stop request rides with its rows of the batch: the maximum is the
+        # same on all processes, so they all stop after the same step (see _train_loop).
+        stop = jnp.max(batch["stop"]) if "stop" in batch else jnp.zeros((), jnp.int32)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "stop": stop}
 
     return jax.jit(
         step,
@@ -192,7 +195,10 @@ class MetricsLog:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and stops."""
+    """SIGINT/SIGTERM set a flag. The flag travels inside the next training step's batch; when
+    that step's result shows a request from any process, every process saves a checkpoint after
+    the same step and stops (one step later than the signal, and never a hang when the signal
+    reaches only some hosts)."""
 
     def __init__(self):
         self.stop = False
@@ -306,6 +312,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints)
     resuming = ckpt.latest_step() is not None
+    run_values = {
+        **checkpointing.fingerprint(config, checkpointing.RESUME_FIELDS),
+        "train_images": n_train,
+    }
     if resuming:  # the checkpoint holds the backbone: no weights file needed
         model = build_model(config, seed=config.seed)
     else:
@@ -328,6 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "backbone": variables.backbone,
         }
         start_step, items, meta = ckpt.restore(templates, config)
+        checkpointing.check_resume(meta.get("run"), run_values, workdir)
         state = {**items["model"], **items["train"]}
         variables.backbone = items["backbone"]
         log.info("resuming from step %d (%s)", start_step, ckpt.directory)
@@ -347,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "epoch": step / steps_per_epoch,
             "steps_per_epoch": steps_per_epoch,
             "final": final,
+            "run": run_values,
             **(extra or {}),
         }
         items = {
@@ -358,8 +370,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     done = bool(meta.get("final")) and start_step >= total_steps
     metrics_log = MetricsLog(workdir, start_step)
+    stopped = False
     if not done:
-        state = _train_loop(
+        state, stopped = _train_loop(
             config, variables, tx, schedules, mesh, state, backbone,
             train_source, steps_per_epoch, start_step, metrics_log, save,
         )  # fmt: skip
@@ -371,9 +384,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     predict = evaluate.make_predict_fn(predict_vars, config, mesh)
     if not done:
         threshold = _threshold(predict, categories, held_items, config)
+        if total_steps in ckpt.steps():
+            # A non-final save of the last step (an interrupt there, by an older version):
+            # the state is the one just restored from it, so replacing it loses nothing.
+            ckpt.delete(total_steps)
         save(total_steps, state, final=True, extra={"threshold": threshold})
         meta = {"threshold": threshold}
     ckpt.close()
+    if stopped:
+        raise Interrupted(
+            f"stopped after the last step; training is complete and saved (step {total_steps}). "
+            "Run the same command again to evaluate."
+        )
 
     results = evaluate.evaluate_categories(predict, categories, config)
     info = {
@@ -412,7 +434,8 @@ def _train_loop(
     config, variables, tx, schedules, mesh, state, backbone, train_source,
     steps_per_epoch, start_step, metrics_log, save,
 ):  # fmt: skip
-    """Run the remaining epochs; returns the final state."""
+    """Run the remaining epochs; returns (final state, whether a stop was asked at the last
+    step). A stop before the last step saves a checkpoint and raises Interrupted."""
     n_train = len(train_source)
     global_batch = config.train.batch_size
     devices = jax.device_count()
@@ -425,9 +448,26 @@ def _train_loop(
     step_fn = make_train_step(variables, tx, mesh, cached, config.seed)
 
     start_epoch = start_step // steps_per_epoch
+    total_steps = steps_per_epoch * config.train.epochs
     step = start_step
     pending = None  # (step, metrics, filenames): checked one step late to keep the device busy
     with StopFlag() as stop:
+
+        def stop_agreed(checked, latest) -> bool:
+            """Logs the `checked` step; True when any process asked to stop in its batch (all
+            processes see the same value after the same step). Before the last step, saves the
+            `latest` step (logged too) and raises Interrupted."""
+            _check_and_log(checked, metrics_log, schedules, config, steps_per_epoch)
+            if not bool(checked[1]["stop"]):
+                return False
+            if step < total_steps:
+                if latest is not checked:
+                    _check_and_log(latest, metrics_log, schedules, config, steps_per_epoch)
+                save(step, state)
+                raise Interrupted(f"stopped at step {step}; run the same command again to continue")
+            return True  # the last step: training is complete, the caller saves it as final
+
+        stopped = False
         for epoch in range(start_epoch, config.train.epochs):
             order = input_pipeline.epoch_order(n_train, config.seed, epoch, global_batch, devices)
             skip = (step - epoch * steps_per_epoch) * global_batch
@@ -452,29 +492,25 @@ def _train_loop(
                 local.pop("label", None)
                 local.pop("category", None)
                 local.pop("position", None)
+                local["stop"] = np.full((len(filenames),), int(stop.requested()), np.int32)
                 batch = sharding.global_batch(local, mesh)
                 state, step_metrics = step_fn(state, backbone, batch)
-                if pending is not None:
-                    _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
-                images_seen += len(filenames) * jax.process_count()
                 step += 1
-                pending = (step, step_metrics, filenames, images_seen / (time.time() - t0))
+                images_seen += len(filenames) * jax.process_count()
+                latest = (step, step_metrics, filenames, images_seen / (time.time() - t0))
+                if pending is not None:
+                    stopped = stop_agreed(pending, latest)
+                pending = latest
                 bar.update(1)
-                if stop.requested():
-                    _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
-                    save(step, state)
-                    raise Interrupted(
-                        f"stopped at step {step}; run the same command again to continue"
-                    )
             bar.close()
             if pending is not None:
-                _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
+                stopped = stop_agreed(pending, pending) or stopped
                 pending = None
             every = config.train.checkpoint_every_epochs
             last_epoch = epoch + 1 == config.train.epochs
             if not last_epoch and every > 0 and (epoch + 1) % every == 0:
                 save(step, state)
-    return state
+    return state, stopped
 
 
 class _BatchNames:

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_module  # noqa: E402
+
+torch = require_module("torch", "pip install -e '.[test]'")
 
 from grad_jax import convert  # noqa: E402
 from grad_jax.models.efficientnet import EfficientNet, efficientnet_spec  # noqa: E402
