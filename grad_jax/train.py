@@ -30,6 +30,7 @@ from grad_jax import workdir as wd
 from grad_jax.models.grad_head import feature_loss
 from grad_jax.models.model import build_model, split_model, to_flat
 from grad_jax.optim import make_optimizer
+from grad_jax.precision import PRECISIONS, with_precision
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,12 @@ class Interrupted(KeyboardInterrupt):
 
 
 def make_train_step(
-    variables: wd.ModelVariables, tx, mesh, from_features: bool, seed: int
+    variables: wd.ModelVariables,
+    tx,
+    mesh,
+    from_features: bool,
+    seed: int,
+    precision: str = "default",
 ) -> Callable:
     """step(state, backbone, batch) -> (state, metrics). Batch: 'image' or 'feature_<i>'."""
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -86,22 +92,23 @@ def make_train_step(
         stop = jnp.max(batch["stop"]) if "stop" in batch else jnp.zeros((), jnp.int32)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "stop": stop}
 
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(rep, rep, data),
         out_shardings=(rep, rep),
         donate_argnums=(0,),
     )
+    return with_precision(jitted, precision)
 
 
-def make_extract_fn(variables: wd.ModelVariables, mesh) -> Callable:
+def make_extract_fn(variables: wd.ModelVariables, mesh, precision: str = "default") -> Callable:
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
     def extract(backbone, images):
         model = variables.merge(backbone=backbone)
         return model.extract(images)
 
-    return jax.jit(extract, in_shardings=(rep, data), out_shardings=data)
+    return with_precision(jax.jit(extract, in_shardings=(rep, data), out_shardings=data), precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +252,8 @@ def validate_config(config, *, training: bool = True) -> None:
 
     need(m.backbone in VARIANTS, f"model.backbone={m.backbone!r}: one of {', '.join(VARIANTS)}")
     need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: 'float32' or 'bfloat16'")
+    precision = m.get("precision", "default")  # absent in run folders from before the field
+    need(precision in PRECISIONS, f"model.precision={precision!r}: one of {PRECISIONS}")
     need(m.depthwise_impl in DEPTHWISE_IMPLS, f"model.depthwise_impl: one of {DEPTHWISE_IMPLS}")
     need(m.ch_exp > 0 and m.ch_exp % 4 == 0, f"model.ch_exp={m.ch_exp}: a positive multiple of 4")
     need(m.layers >= 1, "model.layers must be at least 1")
@@ -443,9 +452,9 @@ def _train_loop(
     cached = use_cache(config, shapes, n_train)
     cache = names = None
     if cached:
-        extract = make_extract_fn(variables, mesh)
+        extract = make_extract_fn(variables, mesh, config.model.precision)
         cache, names = build_feature_cache(extract, backbone, train_source, config, mesh, shapes)
-    step_fn = make_train_step(variables, tx, mesh, cached, config.seed)
+    step_fn = make_train_step(variables, tx, mesh, cached, config.seed, config.model.precision)
 
     start_epoch = start_step // steps_per_epoch
     total_steps = steps_per_epoch * config.train.epochs

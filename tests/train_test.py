@@ -285,8 +285,14 @@ def test_two_processes_stop_together_on_one_sigterm_resume_and_match_one(
         assert all(p.poll() is None for p in procs), "a worker ended before training started"
         time.sleep(0.1)
     procs[1].send_signal(signal.SIGTERM)
-    for p in procs:
-        p.wait(timeout=120)  # a process left in a collective alone would hang here
+    try:
+        for p in procs:
+            p.wait(timeout=120)  # a process left in a collective alone would hang here
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     text = [(f.seek(0), f.read())[1] for f in logs]
     assert [p.returncode for p in procs] == [130, 130], text[0][-2000:] + text[1][-2000:]
     stopped = checkpointing.Checkpoints(workdir).latest_step()
