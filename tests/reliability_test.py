@@ -329,7 +329,7 @@ def test_nan_loss_names_step_and_files_and_keeps_checkpoint(data, tmp_path, monk
     assert all(np.isfinite(np.asarray(v)).all() for v in kept.variables.params.values())
 
 
-def test_only_process_zero_builds_the_datasets(monkeypatch):
+def test_only_process_zero_builds_the_datasets(monkeypatch, tmp_path):
     """With several processes, process 0 builds first; the others wait at a collective and
     then reuse its build; if process 0 fails, they fail too instead of waiting forever."""
     import jax
@@ -356,3 +356,15 @@ def test_only_process_zero_builds_the_datasets(monkeypatch):
             with pytest.raises(input_pipeline.DataNotFoundError, match="process 0"):
                 input_pipeline._first_process_builds(build, "DIR")
     assert events == [(0, "build"), (0, "agreed"), (1, "agreed"), (1, "build"), (1, "agreed")]
+    # open_categories goes through it
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    original, calls = input_pipeline._first_process_builds, []
+
+    def spy(prepare_all, data_dir):
+        calls.append(data_dir)
+        return original(prepare_all, data_dir)
+
+    monkeypatch.setattr(input_pipeline, "_first_process_builds", spy)
+    config = tiny_config(str(_folder(tmp_path)), str(tmp_path / "tfds"), 1)
+    assert [c.name for c in input_pipeline.open_categories(config)] == ["hex_nut"]
+    assert calls == [str(tmp_path / "tfds")]
