@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.noise_prob = 0.5
     m.bn_group_size = 0  # >0: BN statistics per group of that many images ("ghost" BN)
     m.dtype = "float32"  # 'bfloat16' for accelerators
+    # float32 products on accelerators: 'default' | 'bfloat16' | 'tensorfloat32' | 'float32'.
+    # TF32 as the reference's convolutions ran on its Ampere GPUs (README: Precision).
+    m.precision = "tensorfloat32"
     m.depthwise_impl = "auto"  # 'auto' | 'shifted' | 'xla'
 
     config.data = d = ml_collections.ConfigDict()

@@ -139,7 +139,9 @@ def run_benchmark(config, batch: int, steps: int, pretrained: bool, parts) -> di
     for part, cached in (("train", False), ("train_cached", True)):
         if part not in parts:
             continue
-        step = train.make_train_step(variables, tx, mesh, cached, config.seed)
+        step = train.make_train_step(
+            variables, tx, mesh, cached, config.seed, config.model.precision
+        )
         if cached:
             shapes = train.feature_shapes(variables, config)
             local = {

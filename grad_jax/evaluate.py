@@ -48,7 +48,12 @@ def make_predict_fn(
             "score": scoring.image_scores(smoothed, pool),
         }
 
-    jitted = jax.jit(predict, in_shardings=(rep, rep, rep, data), out_shardings=data)
+    from grad_jax.precision import with_precision
+
+    jitted = with_precision(
+        jax.jit(predict, in_shardings=(rep, rep, rep, data), out_shardings=data),
+        config.model.get("precision", "default"),  # run folders from before the field
+    )
     placed = sharding.replicate((variables.backbone, variables.params, variables.batch_stats), mesh)
     devices = jax.device_count()
 

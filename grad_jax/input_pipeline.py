@@ -101,14 +101,46 @@ def open_categories(config: ml_collections.ConfigDict) -> list[CategoryData]:
         raise ValueError(
             f"config.data.dataset={d.dataset!r}: expected 'mvtec_ad', 'folder' or 'demo'"
         )
+
+    def prepare_all():
+        return [
+            tfds_mvtec.prepare(
+                target, data_dir, manual_dir=manual_dir, skip_bad_images=d.skip_bad_images
+            )
+            for _, target in targets
+        ]
+
+    builders = _first_process_builds(prepare_all, data_dir)
     out = []
-    for name, target in targets:
-        builder = tfds_mvtec.prepare(
-            target, data_dir, manual_dir=manual_dir, skip_bad_images=d.skip_bad_images
-        )
+    for (name, _), builder in zip(targets, builders, strict=True):
         sources = builder.as_data_source()
         out.append(CategoryData(name, sources["train"], sources["test"]))
     return out
+
+
+def _first_process_builds(prepare_all, data_dir: str):
+    """Run `prepare_all` on process 0 first, the other processes after it (they then reuse
+    its build in a shared data_dir instead of writing the same files at the same time)."""
+    if jax.process_count() == 1:
+        return prepare_all()
+    from jax.experimental import multihost_utils
+
+    built, error = None, None
+    if jax.process_index() == 0:
+        try:
+            built = prepare_all()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the others are told
+            error = err
+    else:
+        log.info("waiting for process 0 to build the datasets in %s", data_dir)
+    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if error is not None:
+        raise error
+    if not int(ok):
+        raise DataNotFoundError(
+            f"process 0 could not build the datasets in {data_dir}; its log names the problem"
+        )
+    return built if built is not None else prepare_all()
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -194,7 +194,9 @@ class Predictor:
         workdir = os.fspath(workdir)
         wd.read_config(workdir)  # fails clearly (before anything is created) if not a run
         if step is not None:
-            ckpt = checkpointing.Checkpoints(workdir)
+            # Read-only: a writable manager would clean up the in-progress save of a training
+            # job running beside us.
+            ckpt = checkpointing.Checkpoints(workdir, read_only=True)
             steps = ckpt.steps()
             ckpt.close()
             if int(step) not in steps:

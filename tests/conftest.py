@@ -15,6 +15,38 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 MAGNETIC_TILE = ROOT.parent / "shared" / "datasets" / "magnetic_tile"
 
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(what: str) -> None:
+    """An optional dependency (`what` says which and how to get it) is absent: skip locally,
+    fail in CI (CI=true), where every test must run."""
+    import pytest
+
+    if IN_CI:
+        pytest.fail(f"CI=true and {what}", pytrace=False)
+    pytest.skip(what, allow_module_level=True)
+
+
+def require_module(name: str, hint: str = ""):
+    """`import name`, or `missing(...)` when it is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"{name} is not installed{' (' + hint + ')' if hint else ''}")
+
+
+def require_magnetic_tile():
+    """The Magnetic Tile folder, or `missing(...)` when it is not beside the checkout."""
+    if not (MAGNETIC_TILE / "train" / "good").is_dir():
+        missing(
+            f"Magnetic Tile dataset not found at {MAGNETIC_TILE} (../shared/datasets/"
+            "magnetic_tile beside the checkout)"
+        )
+    return MAGNETIC_TILE
+
 
 def tiny_category(base, num_train=8, num_test_good=2, num_test_defect=1):
     """A small generated MVTec-layout category (80 px hex nuts) under `base`; returns its path."""
