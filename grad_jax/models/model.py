@@ -109,6 +109,12 @@ HEAD_KEYS = (
 def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> GradModel:
     """A GradModel with random weights from a full config (uses `config.model`, `config.data`)."""
     m = config.model
+    if isinstance(config.data.image_size, str):
+        raise ValueError(
+            f"data.image_size={config.data.image_size!r} must be resolved to (height, width) "
+            "before a model is built (training measures 'auto' on the training images); give "
+            "the size explicitly here, e.g. --config.data.image_size='(224,224)'"
+        )
     return GradModel(
         backbone=m.backbone,
         out_layers=tuple(m.out_layers),
