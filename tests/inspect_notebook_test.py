@@ -54,15 +54,22 @@ def test_parameters_cell_and_model_loading():
         assert path.startswith(("/content/", "/dev/accel0")), path
 
 
-def test_runs_on_cpu_against_a_run_folder(tiny_run, tmp_path):
+@pytest.mark.parametrize("source", ["run folder", "exported model"])
+def test_runs_on_cpu(tiny_run, tmp_path, source):
     from nbclient import NotebookClient
 
     run_dir, category = tiny_run
     out_csv = tmp_path / "scores.csv"
     nb = read_notebook()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAD_JAX_INSPECT_")}
+    if source == "exported model":
+        from grad_jax import export
+
+        export.export_workdir(str(run_dir), str(tmp_path / "model"), platforms=("cpu",))
+        env["GRAD_JAX_INSPECT_MODEL_DIR"] = str(tmp_path / "model")
+    else:
+        env["GRAD_JAX_INSPECT_WORKDIR"] = str(run_dir)
     env.update(
-        GRAD_JAX_INSPECT_WORKDIR=str(run_dir),
         GRAD_JAX_INSPECT_IMAGES=str(category / "test"),
         GRAD_JAX_INSPECT_OUT_CSV=str(out_csv),
         JAX_PLATFORMS="cpu",

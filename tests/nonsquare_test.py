@@ -161,5 +161,5 @@ def test_tall_dataset_trains_evaluates_and_predicts(tall_run):
     assert predict.main(["predict", f"--workdir={workdir}", f"--out={out}", str(test_dir)]) == 0
     with np.load(out / "maps.npz") as maps:
         assert {maps[k].shape for k in maps.files} == {(80, 32)}
-    overlay = Image.open(out / "overlays" / "000.png.png")
+    overlay = Image.open(out / "overlays" / "000.png")
     assert overlay.size == (TALL[1], TALL[0])

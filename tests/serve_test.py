@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from grad_jax import batching, predict, served_model, service, uploads, visualize
+from grad_jax.decisions import Prediction
 from tfds_mvtec.mvtec_ad import layout
 
 SIZE = (64, 64)  # configs/tiny.py
@@ -129,7 +130,8 @@ def test_scores_and_maps_equal_predictor(client, predictor, good_files):
             assert x["threshold"] == pytest.approx(threshold)
             assert "hex_nut" in x["threshold_source"]
             assert x["decision"] == ("anomalous" if want.score >= threshold else "normal")
-            assert x["calibrated"] is None  # a run folder stores no held-out scores
+            assert want.calibrated is not None  # the run stores its held-out normal scores
+            assert x["calibrated"] == pytest.approx(want.calibrated)
             assert 1 <= x["batch"] <= predictor.batch_size
             assert x["time_ms"] >= x["timing_ms"]["predict"] > 0
             assert "overlay_png" not in x
@@ -374,7 +376,7 @@ class ExportedLike:
             score = float(image.mean()) / 255.0
             threshold = {"bolt": 0.9, "nut": 0.1}[category]
             out.append(
-                served_model.Decided(
+                Prediction(
                     score=score,
                     anomaly_map=np.full(SIZE, score, np.float32),
                     is_anomalous=score >= threshold,
@@ -475,11 +477,27 @@ def test_serve_command_usage_errors(tiny_run, tmp_path, capsys):
     assert serve.main(["serve", f"--model={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    try:
-        import grad_jax.deploy  # noqa: F401
-    except ImportError:
-        assert "--model needs grad_jax.deploy" in err and "--workdir=DIR" in err
-    else:
-        assert str(tmp_path) in err
+    assert str(tmp_path) in err
     assert serve.main(["serve", f"--workdir={tiny_run[0]}", "--max_pixels=0"]) == 2
     assert "max_pixels must be at least 1" in capsys.readouterr().err
+
+
+def test_an_exported_model_serves_the_predictor_s_results(tiny_run, predictor, tmp_path):
+    """`--model=DIR`: the service over `grad_jax.deploy` answers with Predictor's scores,
+    classes, thresholds and decisions."""
+    from fastapi.testclient import TestClient
+
+    from grad_jax import export
+
+    export.export_workdir(str(tiny_run[0]), str(tmp_path / "model"), platforms=("cpu",))
+    model = served_model.load_model(model_dir=str(tmp_path / "model"), batch_size=4)
+    images = [demo_rgb(tiny_run), defect_rgb(tiny_run)]
+    expected = predictor.predict(images)
+    files = [("good.png", png(images[0])), ("defect.png", png(images[1]))]
+    with TestClient(service.create_app(model, LIMITS, warm_up=False)) as c:
+        results = post(c, files).json()["results"]
+    for got, want in zip(results, expected, strict=True):
+        assert got["score"] == pytest.approx(want.score, rel=1e-5, abs=1e-6)
+        assert got["category"] == want.category
+        assert got["threshold"] == pytest.approx(want.threshold)
+        assert got["decision"] == ("anomalous" if want.is_anomalous else "normal")

@@ -189,7 +189,7 @@ def test_tiled_run_evaluates_stitched_maps_and_predicts_at_the_original_size(hig
     masks = np.stack([np.asarray(m) > 0 for m in masks])
     # Measured 0.68 on the raw (unsmoothed) maps; a misplaced map would sit near 0.5.
     assert roc_auc_score(masks[:, ::4, ::4].ravel(), raw[:, ::4, ::4].ravel()) > 0.62
-    assert Image.open(out / "overlays" / "000.png.png").size == (SIDE, SIDE)
+    assert Image.open(out / "overlays" / "000.png").size == (SIDE, SIDE)
 
     # The predictor's score is the evaluation's score of the same image (same stitching).
     predictor = predict.Predictor.from_workdir(str(workdir), batch_size=2)
