@@ -205,21 +205,9 @@ class ExportedModel:
         `categories`: one class for all images, one per image, or None (recognised from the
         image when the model holds class centres).
         """
-        image_lib.check_sequence(images)
-        images = list(images)
-        if categories is not None and not isinstance(categories, str):
-            categories = list(categories)
-            if len(categories) != len(images):
-                raise ValueError(f"{len(categories)} categories given for {len(images)} images")
-        out: list[Prediction] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            batch = [self.prepare(x, f"image {start + i}") for i, x in enumerate(chunk)]
-            cats = categories
-            if isinstance(categories, list):
-                cats = categories[start : start + len(chunk)]
-            out += self.predict_prepared(batch, cats)
-        return out
+        return image_lib.in_batches(
+            images, categories, self.batch_size, self.prepare, self.predict_prepared
+        )
 
     def predict_prepared(
         self,
@@ -232,16 +220,8 @@ class ExportedModel:
             return []
         if n > self.batch_size:
             raise ValueError(f"{n} images in one batch; at most batch_size={self.batch_size}")
-        size = next(b for b in _buckets(self.batch_size) if b >= n)
-        h, w = self.image_size
-        x = np.zeros((size, h, w, 3), np.uint8)
-        for i, image in enumerate(batch):
-            if image.shape != (h, w, 3) or image.dtype != np.uint8:
-                raise ValueError(
-                    f"prepared image {i}: {image.shape} {image.dtype}, expected ({h}, {w}, 3) uint8"
-                )
-            x[i] = image
-        out = self.run(x)
+        rows = next(b for b in _buckets(self.batch_size) if b >= n)
+        out = self.run(image_lib.stack_prepared(batch, self.image_size, rows))
         return self.decisions.results(
             out["score"][:n], out["raw"][:n], categories, out["pooled"][:n]
         )

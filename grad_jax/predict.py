@@ -203,21 +203,9 @@ class Predictor:
         A `[N, H, W, C]` array counts as N images; a single image must be wrapped in a list.
         `categories`: one class for all images, one per image, or None (recognised).
         """
-        image_lib.check_sequence(images)
-        images = list(images)
-        if categories is not None and not isinstance(categories, str):
-            categories = list(categories)
-            if len(categories) != len(images):
-                raise ValueError(f"{len(categories)} categories given for {len(images)} images")
-        out: list[Prediction] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            batch = [self.prepare(x, f"image {start + i}") for i, x in enumerate(chunk)]
-            cats = categories
-            if isinstance(categories, list):
-                cats = categories[start : start + len(chunk)]
-            out += self.predict_prepared(batch, cats)
-        return out
+        return image_lib.in_batches(
+            images, categories, self.batch_size, self.prepare, self.predict_prepared
+        )
 
     def predict_prepared(
         self,
@@ -232,15 +220,7 @@ class Predictor:
             raise ValueError(f"{n} images in one batch; at most batch_size={self.batch_size}")
         if self.tiled:
             return self._predict_tiled(batch, categories)
-        h, w = self.image_size
-        x = np.zeros((self.batch_size, h, w, 3), np.uint8)  # padded: one program for all
-        for i, image in enumerate(batch):
-            if image.shape != (h, w, 3) or image.dtype != np.uint8:
-                raise ValueError(
-                    f"prepared image {i}: {image.shape} {image.dtype}, expected ({h}, {w}, 3) uint8"
-                )
-            x[i] = image
-        result = self._predict_fn(x)
+        result = self._predict_fn(image_lib.stack_prepared(batch, self.image_size, self.batch_size))
         return self.decisions.results(
             np.asarray(result["score"])[:n],
             np.asarray(result["raw"])[:n],
