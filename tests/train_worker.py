@@ -35,7 +35,7 @@ def tiny_config(root: str, data_dir: str, epochs: int, holdout: float = 0.0, bn_
 def record_scores(publish=evaluate.publish):
     """evaluate.publish that also writes the per-image test scores (process 0)."""
 
-    def wrapped(workdir, results, info):
+    def wrapped(workdir, results, info, *rest):
         import jax
 
         if jax.process_index() == 0:
@@ -46,7 +46,7 @@ def record_scores(publish=evaluate.publish):
                 json.dump(scores, f)
             with open(os.path.join(workdir, "test_devices.json"), "w") as f:
                 json.dump({"devices": jax.device_count(), "processes": jax.process_count()}, f)
-        return publish(workdir, results, info)
+        return publish(workdir, results, info, *rest)
 
     return wrapped
 
