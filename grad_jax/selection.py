@@ -1,0 +1,671 @@
+"""Label-free recipe selection: `--config.select=auto` (or a list of candidates).
+
+A new dataset brings only normal training images we may learn from; its test defects must not
+guide any choice. So the choice is made on a validation set built from normal TRAINING images
+alone:
+
+1. The held-out normal images (`threshold.holdout_fraction` of the training images, never
+   trained on; the same ones later set the decision threshold) each appear once as they are
+   (normal) and `selection.defects_per_image` times with a synthetic defect with an exact mask
+   (`synthetic_defects`: patches cut from other training images, noise blobs, scratches,
+   brightness holes).
+2. Every candidate recipe (backbone, input size, backbone stages) trains briefly
+   (`selection.probe_epochs`) on exactly the images the final run will train on, from backbone
+   features cached once per (backbone, size, stages), and is scored on that validation set at a
+   few epochs: the figure is the mean of image AUROC and pixel AUPRO.
+3. The best candidate whose full training still fits in `selection.budget_minutes` wins (the
+   config's own recipe always competes and always fits). Its probe state is exactly the first
+   `probe_epochs` of its full run (same images, order, seeds and learning-rate schedule), so it is
+   written as that run's first checkpoint and training continues from it.
+
+Only `<root>/train/good` is read before the final evaluation: training images are listed and
+decoded here directly (in the builder's sorted order, so positions match the dataset the final
+run reads), never through the dataset build, which also reads the test split.
+
+The candidates, their validation figures, times and the choice go to `<workdir>/selection.json`
+(written as soon as the winner is known: a rerun goes straight back to the final training), into
+`metrics.json` under "selection", and into the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import os
+import pathlib
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import auto as tqdm
+
+from grad_jax import checkpointing, evaluate, input_pipeline, metrics, sharding, train
+from grad_jax import synthetic_defects as sd
+from grad_jax import workdir as wd
+from grad_jax.models.efficientnet import VARIANTS, efficientnet_spec
+from grad_jax.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+SELECTION_FILE = "selection.json"
+FIGURE = "mean of image AUROC and pixel AUPRO on the synthetic validation"
+
+_CANDIDATE = re.compile(r"^(?:efficientnet-)?(lite\d|b\d)@(\d+)(?:x(\d+))?(?::(\d(?:-\d)*))?$")
+
+
+class SelectionError(ValueError):
+    """Selection cannot run with this config or data; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A recipe: what the full run changes in the config."""
+
+    backbone: str
+    image_size: tuple[int, int]
+    out_layers: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        h, w = self.image_size
+        size = f"{h}" if h == w else f"{h}x{w}"
+        short = self.backbone.replace("efficientnet-", "")
+        return f"{short}@{size}:{'-'.join(map(str, self.out_layers))}"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9-]+", "_", self.name)
+
+    def apply(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        out = config.copy_and_resolve_references()
+        out.model.backbone = self.backbone
+        out.data.image_size = tuple(self.image_size)
+        out.model.out_layers = tuple(self.out_layers)
+        return out
+
+    def cost(self, config: ml_collections.ConfigDict) -> float:
+        """Relative head training cost: feature positions x backbone channels."""
+        spec = efficientnet_spec(self.backbone)
+        ends = spec.layer_blocks()
+        channels = sum(spec.blocks[ends[layer]].out_ch for layer in self.out_layers)
+        stride = config.model.out_stride
+        return (self.image_size[0] // stride) * (self.image_size[1] // stride) * channels
+
+
+def parse_candidate(text: str, default_layers: Sequence[int]) -> Candidate:
+    """'lite1@256', 'lite0@288x224:3-4', 'efficientnet-b0@224' -> Candidate."""
+    match = _CANDIDATE.match(text.strip())
+    if not match:
+        raise SelectionError(
+            f"config.select: cannot read candidate {text!r}; write BACKBONE@SIZE[xWIDTH][:STAGES],"
+            " e.g. lite1@224 or lite0@288x224:3-4"
+        )
+    short, h, w, stages = match.groups()
+    backbone = f"efficientnet-{short}"
+    if backbone not in VARIANTS:
+        raise SelectionError(f"config.select: unknown backbone in {text!r}")
+    layers = tuple(int(s) for s in stages.split("-")) if stages else tuple(default_layers)
+    return Candidate(backbone, (int(h), int(w or h)), layers)
+
+
+def base_candidate(config: ml_collections.ConfigDict) -> Candidate:
+    """The config's own recipe (always a candidate)."""
+    return Candidate(
+        config.model.backbone, tuple(config.data.image_size), tuple(config.model.out_layers)
+    )
+
+
+def candidates(config: ml_collections.ConfigDict) -> list[Candidate]:
+    """The config's own recipe first, then those of `config.select` ('auto': the default set)."""
+    spec = config.select.strip()
+    if spec == "auto":
+        spec = config.selection.candidates
+    base = base_candidate(config)
+    out = [base]
+    for text in spec.split(","):
+        if text.strip():
+            c = parse_candidate(text, base.out_layers)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training images, read without touching the test split
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainFolder:
+    """The `train/good` images of one MVTec-layout category, in the dataset builder's order.
+
+    Records look like the dataset's ({'image', 'mask', 'label', 'filename'}), so
+    `input_pipeline.IndexedSource` reads them; nothing outside `train/good` is opened.
+    """
+
+    def __init__(self, root: pathlib.Path, skip_bad_images: bool = False):
+        import tfds_mvtec
+        from tfds_mvtec.mvtec_ad import layout
+
+        folder = root / "train" / "good"
+        if not folder.is_dir():
+            raise SelectionError(
+                f"{folder} does not exist: selection needs the training images of an MVTec-layout "
+                "folder (PATH/train/good/*.png)"
+            )
+        paths = [p for p in sorted(folder.iterdir()) if not p.is_dir() and layout.is_image_name(p)]
+        if skip_bad_images:  # the builder leaves unreadable files out: so must we
+            kept = []
+            for p in paths:
+                try:
+                    tfds_mvtec.load_rgb(p)
+                    kept.append(p)
+                except tfds_mvtec.BadImageError as err:
+                    log.warning("selection skips %s", err)
+            paths = kept
+        self.root = root
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> np.ndarray:
+        import tfds_mvtec
+
+        return tfds_mvtec.load_rgb(self.paths[i])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = self.load(i)
+        return {
+            "image": image,
+            "mask": np.zeros(image.shape[:2], np.uint8),
+            "label": 0,
+            "filename": self.paths[i].relative_to(self.root).as_posix(),
+        }
+
+
+def category_roots(config: ml_collections.ConfigDict) -> list[pathlib.Path]:
+    """The category folders of a 'folder' or 'demo' config (as `open_categories` finds them)."""
+    d = config.data
+    if d.dataset == "demo":
+        from grad_jax import demo_data
+
+        root = demo_data.ensure_demo_dataset(d.root)
+    elif d.dataset == "folder":
+        if not d.root or not pathlib.Path(d.root).is_dir():
+            raise SelectionError(
+                f"config.data.root={d.root!r} is not a folder: pass --config.data.root=PATH"
+            )
+        root = d.root
+    else:
+        raise SelectionError(
+            f"config.select works with data.dataset 'folder' or 'demo', not {d.dataset!r}"
+        )
+    return input_pipeline._folder_categories(pathlib.Path(root))
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic validation set
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ValidationSet:
+    """Per category: original-size images, masks (all-zero for the normal ones), defect kinds."""
+
+    names: list[str]
+    images: list[list[np.ndarray]]
+    masks: list[list[np.ndarray]]
+    kinds: list[list[str]]
+
+    def counts(self) -> dict[str, int]:
+        flat = [k for ks in self.kinds for k in ks]
+        return {k: flat.count(k) for k in ["normal", *sd.KINDS]}
+
+
+def build_validation(
+    folders: Sequence[TrainFolder],
+    names: Sequence[str],
+    train_items: Sequence[input_pipeline.Item],
+    held_items: Sequence[input_pipeline.Item],
+    per_image: int,
+    seed: int,
+    max_donors: int = 32,
+) -> ValidationSet:
+    """Held-out normal images as they are, plus `per_image` synthetic defects in each; patches
+    for cut-paste come from (at most `max_donors`) training images of the same category."""
+    rng = np.random.default_rng([seed, 1234])
+    out = ValidationSet(list(names), [], [], [])
+    for c, folder in enumerate(folders):
+        held = [folder.load(it.index) for it in held_items if it.category == c]
+        pool = [it.index for it in train_items if it.category == c]
+        picks = rng.choice(pool, size=min(max_donors, len(pool)), replace=False) if pool else []
+        donors = [folder.load(int(i)) for i in picks]
+        defects = sd.make_defects(held, donors, per_image, seed + c)
+        out.images.append(held + [d[2] for d in defects])
+        out.masks.append([np.zeros(x.shape[:2], np.uint8) for x in held] + [d[3] for d in defects])
+        out.kinds.append(["normal"] * len(held) + [d[1] for d in defects])
+    return out
+
+
+def validate(predict, val: ValidationSet, config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Image AUROC, pixel AUROC, pixel AUPRO and their figure on the synthetic validation."""
+    size = tuple(config.data.image_size)
+    per_class = {}
+    for name, images, masks in zip(val.names, val.images, val.masks, strict=True):
+        resized = np.stack([input_pipeline.resize_image(x, size) for x in images])
+        gt = np.stack([input_pipeline.resize_mask(m, size) for m in masks])
+        scores, maps = [], []
+        for start in range(0, len(resized), config.eval.batch_size):
+            out = predict(resized[start : start + config.eval.batch_size])
+            scores.append(out["score"])
+            maps.append(out["smoothed"])
+        labels = gt.reshape(len(gt), -1).any(axis=1).astype(np.int32)
+        per_class[name] = metrics.CategoryResults(
+            np.concatenate(scores), labels, np.concatenate(maps), gt
+        )
+    values, _ = metrics.evaluate(per_class)
+    out = {k: values[f"mean/{k}"] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
+    out["figure"] = 0.5 * (out["image_auroc"] + out["pixel_aupro"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Probing a candidate
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Probe:
+    """What probing one candidate gave."""
+
+    candidate: Candidate
+    record: dict[str, Any]
+    state: dict[str, Any] | None = None  # host copy of the training state after the probe
+    backbone: dict[str, Any] | None = None
+    log_path: str = ""
+
+
+class FeatureCache:
+    """Backbone features of the training images, one entry per (backbone, size, stages)."""
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple[list[np.ndarray], list[str]]] = {}
+
+    def get(self, candidate, variables, source, config, mesh, backbone):
+        key = (candidate.backbone, candidate.image_size, candidate.out_layers)
+        if key not in self.entries:
+            shapes = train.feature_shapes(variables, config)
+            extract = train.make_extract_fn(variables, mesh)
+            self.entries[key] = train.build_feature_cache(
+                extract, backbone, source, config, mesh, shapes
+            )
+        return self.entries[key]
+
+
+def probe(
+    candidate: Candidate,
+    config: ml_collections.ConfigDict,
+    source: input_pipeline.IndexedSource,
+    val: ValidationSet,
+    cache: FeatureCache,
+    log_dir: str,
+) -> Probe:
+    """Train `candidate` for `selection.probe_epochs` exactly as its full run would start, and
+    score it on `val` after each epoch of `selection.eval_epochs` (and the last)."""
+    cfg = candidate.apply(config)
+    probe_epochs = config.selection.probe_epochs
+    cfg.train.epochs = probe_epochs
+    train.validate_config(cfg)
+    t_start = time.time()
+    n = len(source)
+    batch, devices = cfg.train.batch_size, jax.device_count()
+    steps_per_epoch = len(range(0, len(input_pipeline.epoch_order(n, 0, 0, batch, devices)), batch))
+    variables = wd.ModelVariables.from_model(wd.create_model(cfg))
+    tx, schedules = make_optimizer(cfg.train, steps_per_epoch, variables.params)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": variables.params,
+        "batch_stats": variables.batch_stats,
+        "opt_state": tx.init(variables.params),
+    }
+    mesh = sharding.make_mesh()
+    state = sharding.replicate(state, mesh)
+    backbone = sharding.replicate(variables.backbone, mesh)
+    shapes = train.feature_shapes(variables, cfg)
+    cached = train.use_cache(cfg, shapes, n)
+    features = names = None
+    t_cache = time.time()
+    if cached:
+        features, names = cache.get(candidate, variables, source, cfg, mesh, backbone)
+    t_cache = time.time() - t_cache
+    step_fn = train.make_train_step(variables, tx, mesh, cached, cfg.seed)
+    os.makedirs(log_dir, exist_ok=True)
+    metrics_log = train.MetricsLog(log_dir, 0)
+    eval_epochs = sorted({e for e in config.selection.eval_epochs if 0 < e < probe_epochs})
+    eval_epochs.append(probe_epochs)
+    curve = []
+    train_seconds = 0.0
+    step = 0
+    for epoch in range(probe_epochs):
+        t0 = time.time()
+        order = input_pipeline.epoch_order(n, cfg.seed, epoch, batch, devices)
+        if cached:
+            local_batches = train._cached_batches(features, names, order, batch, source)
+        else:
+            local_batches = input_pipeline.batches(source, order, batch)
+        bar = tqdm.tqdm(
+            total=steps_per_epoch,
+            desc=f"{candidate.name} epoch {epoch + 1}/{probe_epochs}",
+            disable=jax.process_index() != 0,
+            leave=False,
+        )
+        pending = None
+        for local in local_batches:
+            filenames = local.pop("filename")
+            for key in ("mask", "label", "category", "position"):
+                local.pop(key, None)
+            state, step_metrics = step_fn(state, backbone, sharding.global_batch(local, mesh))
+            if pending is not None:
+                train._check_and_log(pending, metrics_log, schedules, cfg, steps_per_epoch)
+            step += 1
+            pending = (step, step_metrics, filenames, 0.0)
+            bar.update(1)
+        bar.close()
+        if pending is not None:
+            train._check_and_log(pending, metrics_log, schedules, cfg, steps_per_epoch)
+        train_seconds += time.time() - t0
+        if epoch + 1 in eval_epochs:
+            predict_vars = wd.ModelVariables(
+                variables.graphdef,
+                variables.templates,
+                backbone,
+                state["params"],
+                state["batch_stats"],
+            )
+            predict = evaluate.make_predict_fn(predict_vars, cfg, mesh)
+            figures = validate(predict, val, cfg)
+            curve.append({"epoch": epoch + 1, **figures})
+            log.info(
+                "selection %s epoch %d: image AUROC %.4f pixel AUROC %.4f AUPRO %.4f",
+                candidate.name, epoch + 1, figures["image_auroc"], figures["pixel_auroc"],
+                figures["pixel_aupro"],
+            )  # fmt: skip
+    record = {
+        "name": candidate.name,
+        "backbone": candidate.backbone,
+        "image_size": list(candidate.image_size),
+        "out_layers": list(candidate.out_layers),
+        "probe_epochs": probe_epochs,
+        "curve": curve,
+        **{k: curve[-1][k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "figure")},
+        "seconds_per_epoch": train_seconds / probe_epochs,
+        "cache_seconds": t_cache,
+        "seconds": time.time() - t_start,
+        "steps_per_epoch": steps_per_epoch,
+    }
+    return Probe(
+        candidate,
+        record,
+        jax.device_get(state),
+        jax.device_get(backbone),
+        metrics_log.path,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_selection_config(config: ml_collections.ConfigDict) -> None:
+    s = config.selection
+    problems = []
+    if config.threshold.holdout_fraction <= 0:
+        problems.append(
+            "selection validates on the held-out normal images: set threshold.holdout_fraction > 0"
+        )
+    if s.probe_epochs < 1:
+        problems.append(f"selection.probe_epochs={s.probe_epochs} must be at least 1")
+    if s.defects_per_image < 1:
+        problems.append(f"selection.defects_per_image={s.defects_per_image} must be >= 1")
+    if s.budget_minutes < 0:
+        problems.append(f"selection.budget_minutes={s.budget_minutes} must be >= 0 (0: none)")
+    if problems:
+        raise SelectionError("invalid selection config:\n  " + "\n  ".join(problems))
+
+
+def _final_seconds(record: dict[str, Any], config, reusable: bool) -> float:
+    """Estimated wall time of a candidate's full run: its measured epoch time for the epochs
+    still to train, plus evaluation (taken as two epochs' worth)."""
+    remaining = config.train.epochs - (record["probe_epochs"] if reusable else 0)
+    return record["seconds_per_epoch"] * (max(remaining, 0) + 2)
+
+
+def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Probe every candidate, choose one, and prepare `workdir` for its full run.
+
+    Returns the selection record (also written to `<workdir>/selection.json`), whose "config"
+    holds the winner's full config as JSON.
+    """
+    started = time.time()
+    budget = config.selection.budget_minutes * 60.0
+    roots = category_roots(config)
+    names = [r.name for r in roots]
+    folders = [TrainFolder(r, config.data.skip_bad_images) for r in roots]
+    shells = [input_pipeline.CategoryData(n, f, None) for n, f in zip(names, folders, strict=True)]
+    train_items, held_items = input_pipeline.split_holdout(
+        shells, config.threshold.holdout_fraction, config.seed
+    )
+    if not train_items:
+        raise SelectionError("no training images left after holding out the validation share")
+    val = build_validation(
+        folders, names, train_items, held_items, config.selection.defects_per_image, config.seed
+    )
+    log.info("selection: synthetic validation %s", val.counts())
+    cache = FeatureCache()
+    reusable = config.selection.probe_epochs < config.train.epochs
+    pool = candidates(config)
+    probes: list[Probe] = []
+    skipped: list[dict[str, Any]] = []
+    base_cost = pool[0].cost(config)
+    record: dict[str, Any] = {
+        "figure": FIGURE,
+        "validation": {
+            "source": "held-out normal training images and synthetic defects made in them; "
+            "no test image, label or mask was read",
+            "images": val.counts(),
+        },
+        "budget_minutes": config.selection.budget_minutes,
+        "probe_epochs": config.selection.probe_epochs,
+    }
+    for k, cand in enumerate(pool):
+        if k > 0 and budget > 0:
+            first = probes[0].record
+            ratio = cand.cost(config) / base_cost
+            probe_estimate = first["seconds"] * ratio
+            fallback = _final_seconds(first, config, reusable)
+            elapsed = time.time() - started
+            if elapsed + probe_estimate + fallback > budget:
+                skipped.append(
+                    {
+                        "name": cand.name,
+                        "reason": f"over budget: probing would take about {probe_estimate:.0f} s"
+                        f" with {budget - elapsed:.0f} s left and {fallback:.0f} s needed for "
+                        "the full run",
+                    }
+                )
+                log.info("selection: %s skipped (%s)", cand.name, skipped[-1]["reason"])
+                continue
+        source = input_pipeline.IndexedSource(folders, train_items, cand.image_size, names)
+        log_dir = os.path.join(workdir, "selection", cand.slug)
+        probes.append(probe(cand, config, source, val, cache, log_dir))
+        _write(workdir, {**record, "candidates": [p.record for p in probes], "skipped": skipped})
+
+    elapsed = time.time() - started
+    for i, p in enumerate(probes):
+        needed = _final_seconds(p.record, config, reusable)
+        p.record["final_run_seconds_estimate"] = needed
+        p.record["fits_budget"] = i == 0 or budget <= 0 or elapsed + needed <= budget
+    eligible = [p for p in probes if p.record["fits_budget"]]
+    # Ties go to the earlier candidate, i.e. to the config's own recipe first.
+    winner = max(eligible, key=lambda p: (p.record["figure"], -probes.index(p)))
+    final = winner.candidate.apply(config)
+    record.update(
+        candidates=[p.record for p in probes],
+        skipped=skipped,
+        winner=winner.candidate.name,
+        selection_seconds=elapsed,
+    )
+    record["reused_probe"] = reusable and _reuse(winner, final, workdir)
+    record["config"] = json.loads(final.to_json_best_effort())
+    _write(workdir, record)
+    return record
+
+
+def _reuse(winner: Probe, final: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Write the winner's probe state as the first checkpoint of its full run."""
+    ckpt = checkpointing.Checkpoints(workdir, final.train.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        ckpt.close()
+        return False
+    state = winner.state
+    step = int(state["step"])
+    spe = winner.record["steps_per_epoch"]
+    ckpt.save(
+        step,
+        {
+            "model": {"params": state["params"], "batch_stats": state["batch_stats"]},
+            "train": {"step": state["step"], "opt_state": state["opt_state"]},
+            "backbone": winner.backbone,
+        },
+        {
+            "fingerprint": checkpointing.fingerprint(final),
+            "step": step,
+            "epoch": step / spe,
+            "steps_per_epoch": spe,
+            "final": False,
+            "from_selection": winner.candidate.name,
+        },
+    )
+    ckpt.close()
+    # The probe's training log is the start of the run's log.
+    if jax.process_index() == 0:
+        with open(winner.log_path, encoding="utf-8") as src:
+            lines = src.read()
+        with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as dst:
+            dst.write(lines)
+    return True
+
+
+def _write(workdir: str, record: dict[str, Any]) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, SELECTION_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, default=float)
+    os.replace(path + ".tmp", path)
+
+
+def read_selection(workdir: str) -> dict[str, Any] | None:
+    """The finished selection of `workdir` (with a winner), or None."""
+    path = os.path.join(workdir, SELECTION_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    return record if "winner" in record else None
+
+
+def table(record: dict[str, Any]) -> str:
+    """The candidate table as plain text."""
+    rows = [
+        f"{'candidate':<18} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'figure':>7} "
+        f"{'s/epoch':>8}  note"
+    ]
+    for c in record["candidates"]:
+        note = "winner" if c["name"] == record["winner"] else ""
+        if not c.get("fits_budget", True):
+            note = "full run over budget"
+        rows.append(
+            f"{c['name']:<18} {c['image_auroc']:>11.4f} {c['pixel_auroc']:>11.4f} "
+            f"{c['pixel_aupro']:>7.4f} {c['figure']:>7.4f} {c['seconds_per_epoch']:>8.1f}  {note}"
+        )
+    for s in record.get("skipped", []):
+        rows.append(f"{s['name']:<18} {'-':>11} {'-':>11} {'-':>7} {'-':>7} {'-':>8}  skipped")
+    return "\n".join(rows)
+
+
+def _report_section(record: dict[str, Any]) -> str:
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("candidate", "epoch", "image AUROC", "pixel AUROC", "AUPRO", "figure", "s/epoch")
+    )
+    rows = []
+    for c in record["candidates"]:
+        for point in c["curve"]:
+            mark = " (winner)" if c["name"] == record["winner"] else ""
+            rows.append(
+                f"<tr><td>{html.escape(c['name'])}{mark}</td><td>{point['epoch']}</td>"
+                + "".join(
+                    f"<td>{point[k]:.4f}</td>"
+                    for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "figure")
+                )
+                + f"<td>{c['seconds_per_epoch']:.1f}</td></tr>"
+            )
+    skipped = "".join(
+        f"<li>{html.escape(s['name'])}: {html.escape(s['reason'])}</li>"
+        for s in record.get("skipped", [])
+    )
+    return (
+        '<section id="selection"><h2>Recipe selection (label-free)</h2>'
+        f"<p>Ranked by the {html.escape(record['figure'])}; validation: "
+        f"{html.escape(record['validation']['source'])} "
+        f"({html.escape(json.dumps(record['validation']['images']))}). Winner: "
+        f"<b>{html.escape(record['winner'])}</b>"
+        f"{' (its probe state continued)' if record.get('reused_probe') else ''}.</p>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+        + (f"<p>Skipped:</p><ul>{skipped}</ul>" if skipped else "")
+        + "</section>"
+    )
+
+
+def _add_to_report(workdir: str, record: dict[str, Any]) -> None:
+    path = os.path.join(workdir, "report", "index.html")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        page = f.read()
+    section = _report_section(record)
+    page = page.replace("</body>", section + "</body>") if "</body>" in page else page + section
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+
+
+def select_and_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Selection (or the finished one of `workdir`), then the winner's full run and evaluation;
+    metrics.json and the report record the candidates and the choice."""
+    sharding.maybe_initialize_distributed()
+    config = config.copy_and_resolve_references()
+    train.validate_config(config)
+    validate_selection_config(config)
+    record = read_selection(workdir)
+    if record is None:
+        record = select(config, workdir)
+    else:
+        log.info("selection: reusing the finished selection in %s", workdir)
+    chosen = next(c for c in record["candidates"] if c["name"] == record["winner"])
+    winner = Candidate(chosen["backbone"], tuple(chosen["image_size"]), tuple(chosen["out_layers"]))
+    final = winner.apply(config)
+    print(table(record))
+    summary = {k: v for k, v in record.items() if k != "config"}
+    values = train.train_and_evaluate(final, workdir, extra_info={"selection": summary})
+    _add_to_report(workdir, record)
+    return values
