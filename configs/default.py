@@ -67,9 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     # 'auto' = this recipe against selection.candidates; or a comma list such as 'lite1@224'.
     config.select = ""
     config.selection = s = ml_collections.ConfigDict()
-    s.candidates = "lite1@224,lite2@224,lite0@288"  # BACKBONE@SIZE[xWIDTH][:STAGES]
-    s.probe_epochs = 6  # brief training of each candidate (its full run continues the winner's)
-    s.eval_epochs = (3,)  # also scored after these epochs (the curve in the record)
+    s.candidates = "lite1@224,lite0@256,lite2@224"  # BACKBONE@SIZE[xWIDTH][:STAGES]
+    s.probe_epochs = 4  # brief training of each candidate (its full run continues the winner's)
+    s.eval_epochs = (2,)  # also scored after these epochs (the curve in the record)
     s.defects_per_image = 2  # synthetic defects made in each held-out normal image
     s.budget_minutes = 0.0  # whole run incl. the winner's full training; 0 = no limit
 

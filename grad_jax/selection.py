@@ -351,7 +351,7 @@ def probe(
     eval_epochs = sorted({e for e in config.selection.eval_epochs if 0 < e < probe_epochs})
     eval_epochs.append(probe_epochs)
     curve = []
-    train_seconds = 0.0
+    train_seconds = val_seconds = 0.0
     step = 0
     for epoch in range(probe_epochs):
         t0 = time.time()
@@ -390,7 +390,9 @@ def probe(
                 state["batch_stats"],
             )
             predict = evaluate.make_predict_fn(predict_vars, cfg, mesh)
+            t0 = time.time()
             figures = validate(predict, val, cfg)
+            val_seconds = time.time() - t0
             curve.append({"epoch": epoch + 1, **figures})
             log.info(
                 "selection %s epoch %d: image AUROC %.4f pixel AUROC %.4f AUPRO %.4f",
@@ -407,6 +409,7 @@ def probe(
         **{k: curve[-1][k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "figure")},
         "seconds_per_epoch": train_seconds / probe_epochs,
         "cache_seconds": t_cache,
+        "val_seconds": val_seconds,
         "seconds": time.time() - t_start,
         "steps_per_epoch": steps_per_epoch,
     }
@@ -441,11 +444,31 @@ def validate_selection_config(config: ml_collections.ConfigDict) -> None:
         raise SelectionError("invalid selection config:\n  " + "\n  ".join(problems))
 
 
-def _final_seconds(record: dict[str, Any], config, reusable: bool) -> float:
-    """Estimated wall time of a candidate's full run: its measured epoch time for the epochs
-    still to train, plus evaluation (taken as two epochs' worth)."""
-    remaining = config.train.epochs - (record["probe_epochs"] if reusable else 0)
-    return record["seconds_per_epoch"] * (max(remaining, 0) + 2)
+def _overhead_seconds(record: dict[str, Any]) -> float:
+    """Time of a full run besides its epochs: caching the features again, the threshold and the
+    test evaluation (taken as the probe's caching plus two epochs and three validations)."""
+    return record["cache_seconds"] + 2 * record["seconds_per_epoch"] + 3 * record["val_seconds"]
+
+
+def affordable_epochs(record: dict[str, Any], config, seconds_left: float) -> int:
+    """How many epochs of a candidate's full run fit in `seconds_left` (the configured number at
+    most); the probe's epochs are already trained and continue."""
+    per_epoch = max(record["seconds_per_epoch"], 1e-9)
+    more = int((seconds_left - _overhead_seconds(record)) // per_epoch)
+    return int(min(config.train.epochs, max(record["probe_epochs"] + more, 0)))
+
+
+def final_config(
+    config: ml_collections.ConfigDict, record: dict[str, Any]
+) -> ml_collections.ConfigDict:
+    """The winner's full-run config: its recipe, and the epochs the budget allows (the learning
+    rate step moved in proportion, so the schedule keeps its shape)."""
+    chosen = next(c for c in record["candidates"] if c["name"] == record["winner"])
+    cand = Candidate(chosen["backbone"], tuple(chosen["image_size"]), tuple(chosen["out_layers"]))
+    final = cand.apply(config)
+    final.train.epochs = record["final_epochs"]
+    final.train.lr_step_epochs = record["final_lr_step_epochs"]
+    return final
 
 
 def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -470,7 +493,6 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     log.info("selection: synthetic validation %s", val.counts())
     cache = FeatureCache()
-    reusable = config.selection.probe_epochs < config.train.epochs
     pool = candidates(config)
     probes: list[Probe] = []
     skipped: list[dict[str, Any]] = []
@@ -488,17 +510,19 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for k, cand in enumerate(pool):
         if k > 0 and budget > 0:
             first = probes[0].record
-            ratio = cand.cost(config) / base_cost
-            probe_estimate = first["seconds"] * ratio
-            fallback = _final_seconds(first, config, reusable)
+            probe_estimate = first["seconds"] * cand.cost(config) / base_cost
             elapsed = time.time() - started
-            if elapsed + probe_estimate + fallback > budget:
+            # Probing must leave the config's own recipe at least as many epochs as it has now
+            # minus a fifth (the same rule that lets a candidate compete, below).
+            now = affordable_epochs(first, config, budget - elapsed)
+            after = affordable_epochs(first, config, budget - elapsed - probe_estimate)
+            if after < 0.8 * now or after <= first["probe_epochs"] < config.train.epochs:
                 skipped.append(
                     {
                         "name": cand.name,
                         "reason": f"over budget: probing would take about {probe_estimate:.0f} s"
-                        f" with {budget - elapsed:.0f} s left and {fallback:.0f} s needed for "
-                        "the full run",
+                        f" of the {budget - elapsed:.0f} s left, leaving the full run {after} "
+                        f"epochs instead of {now}",
                     }
                 )
                 log.info("selection: %s skipped (%s)", cand.name, skipped[-1]["reason"])
@@ -509,20 +533,35 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _write(workdir, {**record, "candidates": [p.record for p in probes], "skipped": skipped})
 
     elapsed = time.time() - started
+    left = budget - elapsed
+    for p in probes:
+        p.record["affordable_epochs"] = (
+            affordable_epochs(p.record, config, left) if budget > 0 else config.train.epochs
+        )
+    # A candidate competes only if the budget lets it train (nearly) as long as the config's own
+    # recipe could; that one always competes, if need be with fewer epochs than configured.
+    floor = 0.8 * probes[0].record["affordable_epochs"]
     for i, p in enumerate(probes):
-        needed = _final_seconds(p.record, config, reusable)
-        p.record["final_run_seconds_estimate"] = needed
-        p.record["fits_budget"] = i == 0 or budget <= 0 or elapsed + needed <= budget
+        p.record["fits_budget"] = i == 0 or p.record["affordable_epochs"] >= floor
     eligible = [p for p in probes if p.record["fits_budget"]]
     # Ties go to the earlier candidate, i.e. to the config's own recipe first.
     winner = max(eligible, key=lambda p: (p.record["figure"], -probes.index(p)))
-    final = winner.candidate.apply(config)
+    epochs = max(winner.record["affordable_epochs"], 1)
+    lr_step = config.train.lr_step_epochs
+    if epochs < config.train.epochs:
+        lr_step = max(1, round(lr_step * epochs / config.train.epochs))
+        log.info("selection: the budget allows %d of %d epochs", epochs, config.train.epochs)
     record.update(
         candidates=[p.record for p in probes],
         skipped=skipped,
         winner=winner.candidate.name,
         selection_seconds=elapsed,
+        final_epochs=epochs,
+        final_lr_step_epochs=lr_step,
     )
+    final = final_config(config, record)
+    # The probe is the start of the full run if it did not reach a learning-rate step.
+    reusable = config.selection.probe_epochs <= min(epochs, lr_step)
     record["reused_probe"] = reusable and _reuse(winner, final, workdir)
     record["config"] = json.loads(final.to_json_best_effort())
     _write(workdir, record)
@@ -531,6 +570,8 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _reuse(winner: Probe, final: ml_collections.ConfigDict, workdir: str) -> bool:
     """Write the winner's probe state as the first checkpoint of its full run."""
+    if winner.state is None:  # nothing kept to continue from
+        return False
     ckpt = checkpointing.Checkpoints(workdir, final.train.keep_checkpoints)
     if ckpt.latest_step() is not None:
         ckpt.close()
@@ -588,18 +629,21 @@ def table(record: dict[str, Any]) -> str:
     """The candidate table as plain text."""
     rows = [
         f"{'candidate':<18} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'figure':>7} "
-        f"{'s/epoch':>8}  note"
+        f"{'s/epoch':>8} {'epochs':>6}  note"
     ]
     for c in record["candidates"]:
         note = "winner" if c["name"] == record["winner"] else ""
         if not c.get("fits_budget", True):
-            note = "full run over budget"
+            note = "cannot train long enough within the budget"
         rows.append(
             f"{c['name']:<18} {c['image_auroc']:>11.4f} {c['pixel_auroc']:>11.4f} "
-            f"{c['pixel_aupro']:>7.4f} {c['figure']:>7.4f} {c['seconds_per_epoch']:>8.1f}  {note}"
+            f"{c['pixel_aupro']:>7.4f} {c['figure']:>7.4f} {c['seconds_per_epoch']:>8.1f} "
+            f"{c.get('affordable_epochs', '-'):>6}  {note}"
         )
     for s in record.get("skipped", []):
-        rows.append(f"{s['name']:<18} {'-':>11} {'-':>11} {'-':>7} {'-':>7} {'-':>8}  skipped")
+        rows.append(
+            f"{s['name']:<18} {'-':>11} {'-':>11} {'-':>7} {'-':>7} {'-':>8} {'-':>6}  skipped"
+        )
     return "\n".join(rows)
 
 
@@ -661,9 +705,7 @@ def select_and_train(config: ml_collections.ConfigDict, workdir: str) -> dict[st
         record = select(config, workdir)
     else:
         log.info("selection: reusing the finished selection in %s", workdir)
-    chosen = next(c for c in record["candidates"] if c["name"] == record["winner"])
-    winner = Candidate(chosen["backbone"], tuple(chosen["image_size"]), tuple(chosen["out_layers"]))
-    final = winner.apply(config)
+    final = final_config(config, record)
     print(table(record))
     summary = {k: v for k, v in record.items() if k != "config"}
     values = train.train_and_evaluate(final, workdir, extra_info={"selection": summary})
