@@ -438,6 +438,8 @@ def validate_selection_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"selection.probe_epochs={s.probe_epochs} must be at least 1")
     if s.defects_per_image < 1:
         problems.append(f"selection.defects_per_image={s.defects_per_image} must be >= 1")
+    if not 0 < s.max_share <= 1:
+        problems.append(f"selection.max_share={s.max_share} must be in (0, 1]")
     if s.budget_minutes < 0:
         problems.append(f"selection.budget_minutes={s.budget_minutes} must be >= 0 (0: none)")
     if problems:
@@ -512,17 +514,15 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             first = probes[0].record
             probe_estimate = first["seconds"] * cand.cost(config) / base_cost
             elapsed = time.time() - started
-            # Probing must leave the config's own recipe at least as many epochs as it has now
-            # minus a fifth (the same rule that lets a candidate compete, below).
-            now = affordable_epochs(first, config, budget - elapsed)
-            after = affordable_epochs(first, config, budget - elapsed - probe_estimate)
-            if after < 0.8 * now or after <= first["probe_epochs"] < config.train.epochs:
+            # Probing may use at most selection.max_share of the budget; the rest trains the
+            # winner.
+            limit = config.selection.max_share * budget
+            if elapsed + probe_estimate > limit:
                 skipped.append(
                     {
                         "name": cand.name,
                         "reason": f"over budget: probing would take about {probe_estimate:.0f} s"
-                        f" of the {budget - elapsed:.0f} s left, leaving the full run {after} "
-                        f"epochs instead of {now}",
+                        f" more after {elapsed:.0f} s, past the {limit:.0f} s that probes may use",
                     }
                 )
                 log.info("selection: %s skipped (%s)", cand.name, skipped[-1]["reason"])

@@ -25,6 +25,9 @@ def test_defect_changes_exactly_its_mask(kind):
         assert mask.shape == (96, 128) and set(np.unique(mask)) <= {0, 1}
         changed = np.any(out != image, axis=-1)
         assert not np.any(changed & (mask == 0)), "pixels changed outside the mask"
+        # ... and the mask is no wider than the change: only a noise texture may, by chance,
+        # put back a pixel's own value (a mask one pixel too wide leaves 4-17% unchanged).
+        assert 1.0 - changed[mask == 1].mean() <= 0.025, "mask pixels left unchanged"
         inside = np.abs(out.astype(float) - image)[mask == 1].mean()
         assert mask.sum() > 0 and inside >= 12.0
     again = sd.make_defect(image, donor, kind, np.random.default_rng(4))
