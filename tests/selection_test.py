@@ -199,3 +199,21 @@ def test_winner_continues_from_its_probe(category, tmp_path):
         for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
     ]
     np.testing.assert_allclose(losses, want, rtol=1e-5)
+
+
+def test_bad_selection_config_is_one_line(category, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [
+        sys.executable, "-m", "grad_jax.main", "--config=configs/tiny.py",
+        f"--config.data.root={category}", "--config.select=lite1-224",
+        f"--workdir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("grad_jax: error: config.select: cannot read candidate 'lite1-224'")
+    assert "Traceback" not in done.stderr
