@@ -322,7 +322,8 @@ def affordable_epochs(record: dict[str, Any], config, seconds_left: float) -> in
     most); the probe's epochs are already trained and continue."""
     per_epoch = max(record["seconds_per_epoch"], 1e-9)
     more = int((seconds_left - _overhead_seconds(record)) // per_epoch)
-    return int(min(config.train.epochs, max(record["probe_epochs"] + more, 0)))
+    # Never fewer than the probe's own epochs: with no time left the probe is the model.
+    return int(min(config.train.epochs, record["probe_epochs"] + max(more, 0)))
 
 
 def final_config(
@@ -427,9 +428,14 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     final = final_config(config, record)
     # The probe is the start of the full run if it did not reach a learning-rate step.
     reusable = config.selection.probe_epochs <= min(epochs, lr_step)
-    record["reused_probe"] = reusable and _reuse(winner, final, workdir)
     record["config"] = json.loads(final.to_json_best_effort())
+    # The choice is on disk before the checkpoint: a rerun after a crash in between then trains
+    # the winner from the start instead of choosing again next to a stray checkpoint.
+    record["reused_probe"] = False
     _write(workdir, record)
+    if reusable and _reuse(winner, final, workdir):
+        record["reused_probe"] = True
+        _write(workdir, record)
     return record
 
 
