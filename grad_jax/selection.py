@@ -15,8 +15,10 @@ alone:
    few epochs: the figure is the mean of image AUROC and pixel AUPRO.
 3. With `selection.budget_minutes` (the whole run), probes stop at `selection.max_share` of it;
    a candidate competes if its full run can train at least 80% of the epochs the config's own
-   recipe could (that one always competes), and the winner trains the epochs that fit (at most
-   `train.epochs`, the learning-rate step moved in proportion). The best figure wins, ties going
+   recipe could (that one always competes; epoch times come from the fastest measured rate
+   per unit of head cost, since the load of a shared machine changes between probes), and the
+   winner trains the epochs that fit (at most `train.epochs`, the learning-rate step moved in
+   proportion). The best figure wins, ties going
    to the earlier candidate. Its probe state is exactly the first `probe_epochs` of its full run
    (same images, order, seeds and learning-rate schedule), so it is written as that run's first
    checkpoint and training continues from it.
@@ -314,13 +316,14 @@ def validate_selection_config(config: ml_collections.ConfigDict) -> None:
 def _overhead_seconds(record: dict[str, Any]) -> float:
     """Time of a full run besides its epochs: caching the features again, the threshold and the
     test evaluation (taken as the probe's caching plus two epochs and three validations)."""
-    return record["cache_seconds"] + 2 * record["seconds_per_epoch"] + 3 * record["val_seconds"]
+    per_epoch = record.get("seconds_per_epoch_estimate", record["seconds_per_epoch"])
+    return record["cache_seconds"] + 2 * per_epoch + 3 * record["val_seconds"]
 
 
 def affordable_epochs(record: dict[str, Any], config, seconds_left: float) -> int:
     """How many epochs of a candidate's full run fit in `seconds_left` (the configured number at
     most); the probe's epochs are already trained and continue."""
-    per_epoch = max(record["seconds_per_epoch"], 1e-9)
+    per_epoch = max(record.get("seconds_per_epoch_estimate", record["seconds_per_epoch"]), 1e-9)
     more = int((seconds_left - _overhead_seconds(record)) // per_epoch)
     # Never fewer than the probe's own epochs: with no time left the probe is the model.
     return int(min(config.train.epochs, record["probe_epochs"] + max(more, 0)))
@@ -400,6 +403,11 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     elapsed = time.time() - started
     left = budget - elapsed
+    # On a shared machine the load changes between probes, so each candidate's epoch time is
+    # estimated from the fastest measured rate per unit of head cost (positions x channels).
+    rate = min(p.record["seconds_per_epoch"] / p.candidate.cost(config) for p in probes)
+    for p in probes:
+        p.record["seconds_per_epoch_estimate"] = rate * p.candidate.cost(config)
     for p in probes:
         p.record["affordable_epochs"] = (
             affordable_epochs(p.record, config, left) if budget > 0 else config.train.epochs

@@ -108,14 +108,24 @@ def test_the_best_figure_wins_within_budget(category, tmp_path, monkeypatch):
     on_disk = json.loads((tmp_path / "run" / selection.SELECTION_FILE).read_text())
     assert on_disk["winner"] == "lite0@96:3-4" and not on_disk["reused_probe"]
 
-    # A better candidate whose full run cannot fit in the budget is not chosen.
+    # A better candidate whose full run cannot fit in the budget is not chosen: lite0@128 costs
+    # 4x the config's recipe per epoch. lite1@64 costs the same as the recipe; its probe was
+    # merely slowed by load, which must not count against it.
     config.selection.budget_minutes = 1.0
-    slow = {"lite0@96:3-4": 100.0}  # 100 s per epoch: its full run alone needs minutes
-    monkeypatch.setattr(selection, "probe", _fake_probe(figures, slow))
+    times = {
+        "lite0@64:3-4": 10.0,
+        "lite0@96:3-4": 22.5,
+        "lite0@128:3-4": 40.0,
+        "lite1@64:3-4": 99.0,
+    }
+    figures = {"lite0@64:3-4": 0.6, "lite0@96:3-4": 0.5, "lite0@128:3-4": 0.8, "lite1@64:3-4": 0.7}
+    monkeypatch.setattr(selection, "probe", _fake_probe(figures, times))
     record = selection.select(config, str(tmp_path / "run2"))
     by_name = {c["name"]: c for c in record["candidates"]}
-    assert not by_name["lite0@96:3-4"]["fits_budget"]
-    assert record["winner"] == "lite0@128:3-4"
+    assert not by_name["lite0@128:3-4"]["fits_budget"]
+    assert by_name["lite1@64:3-4"]["seconds_per_epoch_estimate"] == pytest.approx(10.0)
+    assert record["winner"] == "lite1@64:3-4"
+    assert record["final_epochs"] == 2  # 60 s left: 1 probe epoch + 1 more fits (10 s each)
 
 
 def _hide_test_split(root: pathlib.Path, stash: pathlib.Path) -> None:
