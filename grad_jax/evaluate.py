@@ -21,35 +21,75 @@ from jax.experimental import multihost_utils
 from tqdm import auto as tqdm
 
 from grad_jax import input_pipeline, metrics, scoring, sharding
+from grad_jax.models.model import pool_features
 from grad_jax.workdir import ModelVariables
 
 log = logging.getLogger(__name__)
 
 
-def make_predict_fn(
-    variables: ModelVariables, config: ml_collections.ConfigDict, mesh=None
-) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """images `[B, H, W, 3]` uint8 (host) -> {'raw', 'smoothed': `[B, H, W]`, 'score': `[B]`}.
+def predict_program(
+    variables: ModelVariables, config: ml_collections.ConfigDict
+) -> Callable[..., dict[str, jax.Array]]:
+    """The traced predict computation, shared by `make_predict_fn` and `grad_jax.export`:
+    (backbone, params, batch_stats, images `[B, H, W, 3]` uint8) -> {'raw', 'smoothed':
+    `[B, H, W]` float32, 'score': `[B]`, 'pooled': `[B, D]`}.
 
-    'raw' is the anomaly map as the model outputs it (upsampled distance, no smoothing).
-    The batch is padded to a multiple of the device count and split over the devices.
+    'raw' is the anomaly map as the model outputs it (upsampled distance, no smoothing);
+    'smoothed' the map the score is computed from; 'pooled' the backbone's stage outputs
+    averaged over positions (class recognition). The input normalisation is inside.
     """
-    mesh = mesh or sharding.make_mesh()
     size, pool = config.eval.smooth_size, config.eval.score_pool
-    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
     def predict(backbone, params, stats, images):
         model = variables.merge(backbone, params, stats)
-        out = model(images, train=False)
+        features = model.extract(images)
+        out = model.from_features(features, train=False)
         smoothed = scoring.smooth(out.anomaly_map, size)
         return {
-            "raw": out.anomaly_map,
+            "raw": out.anomaly_map.astype(jax.numpy.float32),
             "smoothed": smoothed,
             "score": scoring.image_scores(smoothed, pool),
+            "pooled": pool_features(features),
         }
 
-    jitted = jax.jit(predict, in_shardings=(rep, rep, rep, data), out_shardings=data)
+    return predict
+
+
+def make_predict_fn(
+    variables: ModelVariables, config: ml_collections.ConfigDict, mesh=None
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """images `[B, H, W, 3]` uint8 (host) -> the outputs of `predict_program` as numpy arrays.
+
+    The batch is padded to a multiple of the device count and split over the devices.
+    """
+    from grad_jax.precision import with_precision
+
+    mesh = mesh or sharding.make_mesh()
+    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    predict = predict_program(variables, config)
+    jitted = with_precision(
+        jax.jit(predict, in_shardings=(rep, rep, rep, data), out_shardings=data),
+        config.model.get("precision", "default"),  # run folders from before the field
+    )
     placed = sharding.replicate((variables.backbone, variables.params, variables.batch_stats), mesh)
+    return _on_host(jitted, placed, mesh)
+
+
+def make_pooled_fn(
+    variables: ModelVariables, mesh=None
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """images `[B, H, W, 3]` uint8 (host) -> {'pooled': `[B, D]`}: the backbone alone."""
+    mesh = mesh or sharding.make_mesh()
+    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+    def pooled(backbone, images):
+        return {"pooled": pool_features(variables.merge(backbone=backbone).extract(images))}
+
+    jitted = jax.jit(pooled, in_shardings=(rep, data), out_shardings=data)
+    return _on_host(jitted, sharding.replicate((variables.backbone,), mesh), mesh)
+
+
+def _on_host(jitted: Callable, placed: tuple, mesh) -> Callable[[np.ndarray], dict]:
     devices = jax.device_count()
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -69,17 +109,88 @@ def make_predict_fn(
     return run
 
 
+def make_tiled_predict_fn(
+    predict_tiles: Callable[[np.ndarray], dict[str, np.ndarray]],
+    config: ml_collections.ConfigDict,
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """Whole images by their tiles: images `[B, H, W, 3]` uint8 (any H, W of at least one tile,
+    already at the tiling scale) -> {'raw', 'smoothed': `[B, H, W]`, 'score': `[B]`, 'pooled':
+    `[B, D]` (the mean over the image's tiles)}.
+
+    Every tile is scored by `predict_tiles` (a `make_predict_fn` at the tile size, fed batches
+    of exactly `eval.batch_size` tiles so it compiles once); the tiles' raw maps are stitched
+    (overlaps averaged), then the stitched map is smoothed and scored as a whole.
+    """
+    from grad_jax import tiling
+
+    size, overlap = config.data.tile.size, config.data.tile.overlap
+    batch = config.eval.batch_size
+    smooth_size, pool = config.eval.smooth_size, config.eval.score_pool
+
+    @jax.jit
+    def finish(raw):
+        smoothed = scoring.smooth(raw, smooth_size)
+        return smoothed, scoring.image_scores(smoothed, pool)
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.asarray(images)
+        hw = images.shape[1:3]
+        boxes = tiling.tile_boxes(hw, size, overlap)
+        tiles = np.concatenate([tiling.cut(image, boxes, size) for image in images])
+        maps, pooled = [], []
+        for start in range(0, len(tiles), batch):
+            chunk = tiles[start : start + batch]
+            padded = np.zeros((batch, *chunk.shape[1:]), chunk.dtype)
+            padded[: len(chunk)] = chunk
+            out = predict_tiles(padded)
+            maps.append(out["raw"][: len(chunk)])
+            pooled.append(out["pooled"][: len(chunk)])
+        maps = np.concatenate(maps).reshape(len(images), len(boxes), size, size)
+        raw = np.stack([tiling.stitch(m, boxes, hw) for m in maps])
+        smoothed, score = finish(raw)
+        # An image's pooled features: the mean over its tiles (class recognition).
+        pooled = np.concatenate(pooled).reshape(len(images), len(boxes), -1).mean(axis=1)
+        return {
+            "raw": raw,
+            "smoothed": np.asarray(smoothed),
+            "score": np.asarray(score),
+            "pooled": pooled,
+        }
+
+    return run
+
+
+def _scoring(predict: Callable, config: ml_collections.ConfigDict) -> Callable:
+    """`predict` itself, or its tiled form when `data.tile.size > 0`."""
+    if input_pipeline.tiling_on(config):
+        return make_tiled_predict_fn(predict, config)
+    return predict
+
+
 @dataclasses.dataclass
 class CategoryEval:
     """Everything the metrics and the report need about one category's test split."""
 
     name: str
     filenames: list[str]
-    labels: np.ndarray  # [N] 1 if the (resized) mask has a positive pixel, as the reference
+    # [N] the image label: where the mask is known, 1 if the (resized) mask has a positive pixel
+    # (the reference's rule); otherwise the folder's (good vs defect).
+    labels: np.ndarray
     scores: np.ndarray  # [N] image scores
     maps: np.ndarray  # [N, H, W] smoothed anomaly maps
-    masks: np.ndarray  # [N, H, W] {0, 1}
+    masks: np.ndarray  # [N, H, W] {0, 1}; all zero where has_mask is False
     source: Any = None  # IndexedSource, to re-read images for the report
+    has_mask: np.ndarray | None = None  # [N] bool; None: every mask is known
+    folder_labels: np.ndarray | None = None  # [N] 0 for test/good, 1 for test/<defect>
+    pooled: np.ndarray | None = None  # [N, D] pooled backbone features (class recognition)
+
+    def label_disagreements(self) -> list[str]:
+        """Files whose mask-derived label differs from their folder's (masked images only)."""
+        if self.folder_labels is None:
+            return []
+        known = np.ones(len(self.labels), bool) if self.has_mask is None else self.has_mask
+        differ = known & ((np.asarray(self.labels) != 0) != (self.folder_labels != 0))
+        return [f for f, d in zip(self.filenames, differ, strict=True) if d]
 
 
 def predict_items(
@@ -91,7 +202,7 @@ def predict_items(
     bar = tqdm.tqdm(total=len(source), desc=desc, disable=jax.process_index() != 0, leave=False)
     for inputs in it:
         outputs = predict(inputs["image"])
-        bar.update(len(outputs["score"]))
+        bar.update(len(next(iter(outputs.values()))))
         yield inputs, outputs
     bar.close()
 
@@ -101,53 +212,152 @@ def evaluate_categories(
     categories: Sequence[input_pipeline.CategoryData],
     config: ml_collections.ConfigDict,
 ) -> list[CategoryEval]:
+    """Score every test image of every category. With tiling, images are read at their tiling
+    scale and scored by their stitched maps; maps and masks are then at that size."""
     names = [c.name for c in categories]
+    predict = _scoring(predict, config)
+    tests = [x.test for x in categories]
     results = []
     for c, cat in enumerate(categories):
-        source = input_pipeline.IndexedSource(
-            [x.test for x in categories],
-            input_pipeline.test_items(categories, c),
-            config.data.image_size,
-            names,
-        )
-        scores, maps, masks, files = [], [], [], []
+        items = input_pipeline.test_items(categories, c)
+        size = input_pipeline.eval_image_size(config, tests, items)
+        source = input_pipeline.IndexedSource(tests, items, size, names)
+        scores, maps, masks, files, known, folder, pooled = [], [], [], [], [], [], []
         for inputs, outputs in predict_items(
             predict, source, config.eval.batch_size, f"eval {cat.name}"
         ):
             scores.append(outputs["score"])
             maps.append(outputs["smoothed"])
             masks.append(inputs["mask"])
+            known.append(inputs["has_mask"])
+            folder.append(inputs["label"])
+            pooled.append(outputs["pooled"])
             files.extend(inputs["filename"].tolist())
         masks_np = np.concatenate(masks)
+        has_mask = np.concatenate(known).astype(bool)
+        folder_labels = np.concatenate(folder).astype(np.int32)
         results.append(
             CategoryEval(
                 cat.name,
                 files,
-                masks_np.reshape(len(masks_np), -1).any(axis=1).astype(np.int32),
+                image_labels(masks_np, has_mask, folder_labels),
                 np.concatenate(scores),
                 np.concatenate(maps),
                 masks_np,
                 source,
+                has_mask,
+                folder_labels,
+                np.concatenate(pooled),
             )
         )
     return results
 
 
-def compute_metrics(results: Sequence[CategoryEval]) -> tuple[dict[str, float], list[str]]:
+def image_labels(masks: np.ndarray, has_mask: np.ndarray, folder_labels: np.ndarray) -> np.ndarray:
+    """`[N]` int32 image labels: any positive mask pixel where the mask is known (the
+    reference's rule, on the resized mask), else the folder's label (good vs defect).
+
+    masks `[N, H, W]`, has_mask `[N]` bool, folder_labels `[N]` 0/1.
+    """
+    from_masks = masks.reshape(len(masks), -1).any(axis=1)
+    return np.where(has_mask, from_masks, folder_labels != 0).astype(np.int32)
+
+
+def compute_metrics(
+    results: Sequence[CategoryEval], threshold: float | None = None
+) -> tuple[dict[str, float], list[str]]:
+    """`metrics.evaluate` of every category, plus, when a decision `threshold` (image score) is
+    known, `<category>/false_alarm_rate`: the share of good test images at or above it (the one
+    figure a test split of good images only can give)."""
     per_class = {
-        r.name: metrics.CategoryResults(r.scores, r.labels, r.maps, r.masks) for r in results
+        r.name: metrics.CategoryResults(r.scores, r.labels, r.maps, r.masks, r.has_mask)
+        for r in results
     }
-    return metrics.evaluate(per_class)
+    values, notes = metrics.evaluate(per_class)
+    for r in results:
+        files = r.label_disagreements()
+        if files:
+            notes.append(
+                f"{r.name}: {len(files)} image(s) of a defect folder have a mask that is empty "
+                "at the evaluation size (or a good image a non-empty one); their label follows "
+                "the mask, as the reference's: "
+                + ", ".join(files[:10])
+                + (" ..." if len(files) > 10 else "")
+            )
+    if threshold is not None:
+        rates = []
+        for r in results:
+            value = metrics.false_alarm_rate(r.labels, r.scores, threshold)
+            values[f"{r.name}/false_alarm_rate"] = value
+            if not np.isnan(value):
+                rates.append(value)
+        values["mean/false_alarm_rate"] = float(np.mean(rates)) if rates else float("nan")
+    return values, notes
+
+
+def label_report(results: Sequence[CategoryEval]) -> dict[str, Any]:
+    """metrics.json entries about the ground truth: mask-vs-folder label disagreements (count
+    and files per category) and how many test images have no mask, where there are any."""
+    out: dict[str, Any] = {}
+    disagree = {r.name: r.label_disagreements() for r in results}
+    disagree = {k: {"count": len(v), "files": v} for k, v in disagree.items() if v}
+    if disagree:
+        out["label_disagreements"] = disagree
+    unmasked = {
+        r.name: int(np.count_nonzero(~r.has_mask))
+        for r in results
+        if r.has_mask is not None and not r.has_mask.all()
+    }
+    if unmasked:
+        out["images_without_mask"] = unmasked
+    return out
+
+
+def _threshold_value(threshold: Any) -> float | None:
+    value = (threshold or {}).get("image_score") if isinstance(threshold, dict) else threshold
+    return None if value is None else float(value)
+
+
+def recognition_accuracy(
+    results: Sequence[CategoryEval], centres: dict[str, Any]
+) -> dict[str, float]:
+    """'<category>/recognition_accuracy': the fraction of its test images whose nearest class
+    centre is their own class; 'mean/recognition_accuracy': the unweighted mean over classes."""
+    from grad_jax.decisions import nearest_centre
+
+    names = list(centres["names"])
+    table = np.asarray(centres["centres"], np.float32)
+    out = {}
+    for r in results:
+        if r.pooled is None or not len(r.pooled):
+            continue
+        guess = nearest_centre(r.pooled, table)
+        out[f"{r.name}/recognition_accuracy"] = float(np.mean([names[g] == r.name for g in guess]))
+    if out:
+        out["mean/recognition_accuracy"] = float(np.mean(list(out.values())))
+    return out
 
 
 def publish(
-    workdir: str, results: Sequence[CategoryEval], info: dict[str, Any]
+    workdir: str,
+    results: Sequence[CategoryEval],
+    info: dict[str, Any],
+    centres: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Metrics of `results` -> metrics.json, a printed table, and the visual report (process 0
-    writes; every process gets the values)."""
-    values, notes = compute_metrics(results)
+    writes; every process gets the values). With class `centres` and several classes, the
+    class recognition accuracy on the test images is added."""
+    values, notes = compute_metrics(results, _threshold_value(info.get("threshold")))
+    if centres and len(results) > 1:
+        recognition = recognition_accuracy(results, centres)
+        values.update(recognition)
+        if jax.process_index() == 0 and recognition:
+            print(
+                "class recognition (nearest class centre) on the test images: "
+                + ", ".join(f"{k.split('/')[0]} {100 * v:.1f}%" for k, v in recognition.items())
+            )
     if jax.process_index() == 0:
-        write_metrics(workdir, values, notes, info)
+        write_metrics(workdir, values, notes, {**label_report(results), **info})
         print(metrics.format_table(values))
         for note in notes:
             print("note:", note)
@@ -164,8 +374,14 @@ def write_metrics(
     extra: dict[str, Any] | None = None,
     filename: str = "metrics.json",
 ) -> str:
-    """metrics.json: flat metric keys plus 'notes' and run information."""
-    payload: dict[str, Any] = {k: (None if np.isnan(v) else float(v)) for k, v in values.items()}
+    """metrics.json: flat metric keys plus 'notes' and run information.
+
+    An undefined metric (nan: e.g. pixel metrics without masks, image AUROC without defective
+    images) is written as the string "n/a", never as 0.
+    """
+    payload: dict[str, Any] = {
+        k: (metrics.NOT_AVAILABLE if np.isnan(v) else float(v)) for k, v in values.items()
+    }
     payload["notes"] = list(notes)
     payload.update(extra or {})
     path = os.path.join(workdir, filename)
@@ -185,6 +401,20 @@ def score_items(
     return np.concatenate([out["score"] for _, out in predict_items(predict, source, batch, desc)])
 
 
+def score_held_out(
+    predict: Callable,
+    categories: Sequence[input_pipeline.CategoryData],
+    items: Sequence[input_pipeline.Item],
+    config: ml_collections.ConfigDict,
+) -> np.ndarray:
+    """Image scores of training-split `items` (the held-out normal images), scored as the test
+    images are (whole images, or stitched tiles)."""
+    sources = [c.train for c in categories]
+    size = input_pipeline.eval_image_size(config, sources, items)
+    source = input_pipeline.IndexedSource(sources, items, size, [c.name for c in categories])
+    return score_items(_scoring(predict, config), source, config.eval.batch_size, "threshold")
+
+
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict:
     """--mode=eval: reload the latest checkpoint of `workdir` and evaluate it on the test data
     of `config` (default: the run's own config.json). Writes metrics.json and the report."""
@@ -195,10 +425,16 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
         from grad_jax.train import validate_config
 
         validate_config(config, training=False)
+        config = config.copy_and_resolve_references()
+        with config.ignore_type():  # the model input the run trained at
+            if input_pipeline.tiling_on(config):
+                config.data.image_size = (config.data.tile.size, config.data.tile.size)
+            elif config.data.image_size == input_pipeline.AUTO_SIZE:
+                config.data.image_size = tuple(wd.read_config(workdir).data.image_size)
     trained = wd.load_trained(workdir, config=config)
     config = trained.config
     categories = input_pipeline.open_categories(config)
     predict = make_predict_fn(trained.variables, config)
     results = evaluate_categories(predict, categories, config)
     info = {"model": f"checkpoint step {trained.step}", "threshold": trained.meta.get("threshold")}
-    return publish(workdir, results, info)
+    return publish(workdir, results, info, trained.meta.get("class_centres"))

@@ -7,8 +7,10 @@ batches it on background threads.
 
 Images leave the pipeline as uint8 `[B, H, W, 3]` at the configured size (Pillow bilinear, which
 antialiases on downscale exactly as the reference's torchvision Resize on PIL images does);
-masks as uint8 `[B, H, W]` in {0, 1} (Pillow nearest). The backbone's normalisation runs on the
-device, as the first operation of the jitted program, so only uint8 crosses to the device.
+masks as uint8 `[B, H, W]` in {0, 1} (Pillow nearest), with `has_mask` `[B]` bool saying
+whether the mask is ground truth (False for defects labelled by their folder only). The
+backbone's normalisation runs on the device, as the first operation of the jitted program, so
+only uint8 crosses to the device.
 
 Order: one global permutation per epoch (seeded by (seed, epoch)); global batch i is rows
 [i*B, (i+1)*B) of it, and each process reads its own contiguous slice of every global batch. The
@@ -18,6 +20,9 @@ batches are therefore the same whatever the number of processes or devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+import math
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -28,6 +33,11 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from grad_jax import tiling
+from grad_jax.images import resize_image  # noqa: F401  (one resize for every path)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -92,22 +102,46 @@ def open_categories(config: ml_collections.ConfigDict) -> list[CategoryData]:
         raise ValueError(
             f"config.data.dataset={d.dataset!r}: expected 'mvtec_ad', 'folder' or 'demo'"
         )
+
+    def prepare_all():
+        return [
+            tfds_mvtec.prepare(
+                target, data_dir, manual_dir=manual_dir, skip_bad_images=d.skip_bad_images
+            )
+            for _, target in targets
+        ]
+
+    builders = _first_process_builds(prepare_all, data_dir)
     out = []
-    for name, target in targets:
-        builder = tfds_mvtec.prepare(
-            target, data_dir, manual_dir=manual_dir, skip_bad_images=d.skip_bad_images
-        )
+    for (name, _), builder in zip(targets, builders, strict=True):
         sources = builder.as_data_source()
         out.append(CategoryData(name, sources["train"], sources["test"]))
     return out
 
 
-def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """HxWx3 uint8 -> size (h, w) with Pillow bilinear (antialiased when shrinking)."""
-    h, w = size
-    if image.shape[:2] == (h, w):
-        return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+def _first_process_builds(prepare_all, data_dir: str):
+    """Run `prepare_all` on process 0 first, the other processes after it (they then reuse
+    its build in a shared data_dir instead of writing the same files at the same time)."""
+    if jax.process_count() == 1:
+        return prepare_all()
+    from jax.experimental import multihost_utils
+
+    built, error = None, None
+    if jax.process_index() == 0:
+        try:
+            built = prepare_all()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the others are told
+            error = err
+    else:
+        log.info("waiting for process 0 to build the datasets in %s", data_dir)
+    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if error is not None:
+        raise error
+    if not int(ok):
+        raise DataNotFoundError(
+            f"process 0 could not build the datasets in {data_dir}; its log names the problem"
+        )
+    return built if built is not None else prepare_all()
 
 
 def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -146,7 +180,10 @@ class IndexedSource:
         return {
             "image": resize_image(image[..., :3], self.image_size),
             "mask": resize_mask(np.asarray(record["mask"]), self.image_size),
-            "label": np.int32(record["label"]),
+            "label": np.int32(record["label"]),  # from the folder: good vs defect
+            # False: a defect folder without masks (the all-zero mask means "unknown").
+            # Builds before dataset version 1.1.0 had masks for every image.
+            "has_mask": np.bool_(record.get("has_mask", True)),
             "category": np.int32(item.category),
             "position": np.int32(i),
             "filename": f"{self.names[item.category]}/{_text(record['filename'])}",
@@ -213,6 +250,165 @@ def epoch_order(n: int, seed: int, epoch: int, global_batch: int, devices: int) 
     full = n // global_batch * global_batch
     tail = (n - full) // devices * devices
     return perm[: full + tail]
+
+
+AUTO_SIZE = "auto"
+#: At most this many training images are measured for `data.image_size='auto'` (evenly spaced).
+AUTO_SAMPLE = 512
+
+
+def image_stride(config: ml_collections.ConfigDict) -> int:
+    """The coarsest backbone stride used: the model input's sides must be multiples of it."""
+    return 2 ** max(config.model.out_layers)
+
+
+def auto_image_size(sizes: Sequence[tuple[int, int]], pixels: int, stride: int) -> tuple[int, int]:
+    """(height, width) for images of `sizes` [(h, w), ...]: their median aspect ratio h / w, at
+    about `pixels` pixels, each side a multiple of `stride`.
+
+    The short side is rounded first (at least one stride) and the long side then keeps the pixel
+    count, so that a very elongated image does not get a much larger input than asked for.
+    """
+    if not sizes:
+        raise ValueError("no image sizes to choose an input size from")
+    aspect = float(np.median([h / w for h, w in sizes]))
+
+    def multiple(x: float) -> int:
+        return max(stride, int(round(x / stride)) * stride)
+
+    short = multiple(math.sqrt(pixels * min(aspect, 1 / aspect)))
+    long = multiple(pixels / short)
+    return (long, short) if aspect >= 1 else (short, long)
+
+
+def resolve_image_size(
+    config: ml_collections.ConfigDict, categories: Sequence[CategoryData]
+) -> tuple[int, int]:
+    """The model input size (height, width): `config.data.image_size`, where 'auto' is measured
+    on the training images (up to AUTO_SAMPLE of them, evenly spaced over all categories' train
+    splits; never a test image), or the tile with `data.tile.size > 0`."""
+    size = config.data.image_size
+    if tiling_on(config):  # the model sees tiles
+        return (config.data.tile.size, config.data.tile.size)
+    if size != AUTO_SIZE:
+        return tuple(int(x) for x in size)
+    items = [(c, i) for c, cat in enumerate(categories) for i in range(len(cat.train))]
+    if len(items) > AUTO_SAMPLE:
+        picks = np.linspace(0, len(items) - 1, AUTO_SAMPLE).round().astype(int)
+        items = [items[k] for k in picks]
+    sizes = [np.asarray(categories[c].train[i]["image"]).shape[:2] for c, i in items]
+    chosen = auto_image_size(sizes, config.data.auto_pixels, image_stride(config))
+    log.info(
+        "data.image_size='auto' -> %s (height, width): median aspect ratio (h/w) %.3f of %d "
+        "training images at about %d pixels",
+        chosen,
+        float(np.median([h / w for h, w in sizes])),
+        len(sizes),
+        config.data.auto_pixels,
+    )
+    return chosen
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+def tiling_on(config: ml_collections.ConfigDict) -> bool:
+    """True when `data.tile.size > 0`: train and score on tiles (see grad_jax/tiling.py)."""
+    tile = config.data.get("tile")
+    return bool(tile is not None and tile.size > 0)
+
+
+def scaled_size(config: ml_collections.ConfigDict, image_hw: Sequence[int]) -> tuple[int, int]:
+    """The size an image of `image_hw` is scaled to before it is cut into tiles."""
+    t = config.data.tile
+    return tiling.scaled_size(image_hw, t.scale, t.size)
+
+
+def record_size(source: Any, index: int) -> tuple[int, int]:
+    """(height, width) of a record's image (decodes it)."""
+    return tuple(np.asarray(source[index]["image"]).shape[:2])
+
+
+def eval_image_size(
+    config: ml_collections.ConfigDict, sources: Sequence[Any], items: Sequence[Item]
+) -> tuple[int, int]:
+    """The size `items` are read at for scoring: the model input size, or with tiling the scaled
+    size of their images (the most common one if they differ: the others are resized to it, so
+    that the maps of a category stack into one array)."""
+    if not tiling_on(config):
+        return tuple(config.data.image_size)
+    sizes = [scaled_size(config, record_size(sources[it.category], it.index)) for it in items]
+    if not sizes:
+        return tuple(config.data.image_size)
+    values, counts = np.unique(np.asarray(sizes), axis=0, return_counts=True)
+    common = tuple(int(x) for x in values[int(np.argmax(counts))])
+    if len(values) > 1:
+        log.info(
+            "tiling: %d image sizes among %d images; all scored at the most common one, %s",
+            len(values),
+            len(sizes),
+            common,
+        )
+    return common
+
+
+class TiledSource:
+    """The tiles of chosen images, for training: same records as `IndexedSource`, one per tile.
+
+    Every image is scaled (`data.tile.scale`) and cut into `data.tile.size` squares overlapping
+    by at least `data.tile.overlap` pixels. The few most recent scaled images are kept, so the
+    tiles of one image read in a row decode it once.
+    """
+
+    def __init__(self, sources: Sequence[Any], items: Sequence[Item], config, names):
+        t = config.data.tile
+        self.sources, self.items, self.names = sources, list(items), list(names)
+        self.size = int(t.size)
+        self.image_size = (self.size, self.size)
+        self.entries: list[tuple[int, int, int, tuple[int, int]]] = []  # item, y, x, scaled hw
+        for k, item in enumerate(self.items):
+            hw = scaled_size(config, record_size(sources[item.category], item.index))
+            self.entries += [(k, y, x, hw) for y, x in tiling.tile_boxes(hw, self.size, t.overlap)]
+        self._scaled = functools.lru_cache(maxsize=8)(self._read_scaled)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _read_scaled(self, k: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, Any]:
+        item = self.items[k]
+        record = self.sources[item.category][item.index]
+        image = np.asarray(record["image"])
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        image = resize_image(image[..., :3], hw)
+        return image, resize_mask(np.asarray(record["mask"]), hw), record
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k, y, x, hw = self.entries[i]
+        image, mask, record = self._scaled(k, hw)
+        s = self.size
+        item = self.items[k]
+        return {
+            "image": np.ascontiguousarray(image[y : y + s, x : x + s]),
+            "mask": np.ascontiguousarray(mask[y : y + s, x : x + s]),
+            "label": np.int32(record["label"]),
+            "has_mask": np.bool_(record.get("has_mask", True)),
+            "category": np.int32(item.category),
+            "position": np.int32(i),
+            "filename": f"{self.names[item.category]}/{_text(record['filename'])}@{y},{x}",
+        }
+
+
+def training_source(
+    config: ml_collections.ConfigDict,
+    sources: Sequence[Any],
+    items: Sequence[Item],
+    names: Sequence[str],
+) -> IndexedSource | TiledSource:
+    """What the model trains on: the images at the input size, or their tiles."""
+    if tiling_on(config):
+        return TiledSource(sources, items, config, names)
+    return IndexedSource(sources, items, config.data.image_size, names)
 
 
 def split_holdout(

@@ -34,6 +34,7 @@ __all__ = [
     "evaluate",
     "evaluate_category",
     "f1_max",
+    "false_alarm_rate",
     "format_table",
     "pro_curve",
     "roc_curve",
@@ -62,6 +63,10 @@ _TABLE_COLUMNS = (
     ("image_f1_max", "I-F1max"),
     ("pixel_f1_max", "P-F1max"),
 )
+#: Columns shown only when some category has the metric.
+_OPTIONAL_COLUMNS = (("false_alarm_rate", "FAR@thr"),)
+#: How an undefined (nan) metric is written in tables and metrics.json.
+NOT_AVAILABLE = "n/a"
 
 # --------------------------------------------------------------------------------------------
 # Ranking: one sort, ties collapsed.
@@ -489,16 +494,23 @@ class CategoryResults:
         anomalous iff its mask has a positive pixel), as the reference does.
       maps: ``[N, H, W]`` smoothed anomaly maps.
       masks: ``[N, H, W]`` 0/1 or bool ground-truth masks.
+      has_mask: ``[N]`` bool, False for images whose mask is unknown (a defect folder without
+        ``ground_truth/``): pixel metrics leave them out. None: every mask is known.
     """
 
     image_scores: np.ndarray
     labels: np.ndarray
     maps: np.ndarray
     masks: np.ndarray
+    has_mask: np.ndarray | None = None
 
 
 def evaluate_category(
-    image_scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray
+    image_scores: np.ndarray,
+    labels: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray,
+    has_mask: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All image- and pixel-level metrics of one category.
 
@@ -512,6 +524,9 @@ def evaluate_category(
         recomputed here so that image metrics only depend on what the caller chose.
       maps: ``[N, H, W]`` smoothed anomaly maps.
       masks: ``[N, H, W]`` 0/1 or bool ground truth.
+      has_mask: ``[N]`` bool or None (all True). Pixel metrics pool only the images whose mask
+        is known; image metrics use every image. With no known mask of a defective image the
+        pixel metrics are nan (not available).
 
     Returns:
       ``image_auroc``, ``pixel_auroc``, ``pixel_aupro`` (FPR <= 0.3), ``image_ap``, ``pixel_ap``,
@@ -532,6 +547,12 @@ def evaluate_category(
     image_tp, image_fp = _cumulative_counts(image)
     image_f1, image_thr = _f1_from_counts(image_tp, image_fp, image.thresholds)
 
+    if has_mask is not None:
+        has_mask = np.asarray(has_mask, bool)
+        if has_mask.shape != labels.shape:
+            raise ValueError(f"has_mask {has_mask.shape} must be [N={labels.shape[0]}]")
+        if not has_mask.all():
+            maps, masks = maps[has_mask], np.asarray(masks)[has_mask]
     region_ids, n_regions = _regions(masks)
     pixel = _rank(maps, region_ids)
     del region_ids
@@ -549,6 +570,17 @@ def evaluate_category(
         "image_f1_threshold": image_thr,
         "pixel_f1_threshold": pixel_thr,
     }
+
+
+def false_alarm_rate(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    """Share of the normal images (label 0) flagged at ``threshold`` (``score >= threshold``).
+
+    nan if there is no normal image.
+    """
+    normal = np.asarray(labels) == 0
+    if not normal.any():
+        return math.nan
+    return float(np.mean(np.asarray(scores, np.float64)[normal] >= threshold))
 
 
 def evaluate(results: dict[str, CategoryResults]) -> tuple[dict[str, float], list[str]]:
@@ -574,20 +606,33 @@ def evaluate(results: dict[str, CategoryResults]) -> tuple[dict[str, float], lis
     for category, res in results.items():
         masks = np.asarray(res.masks)
         labels = np.asarray(res.labels)
-        values = evaluate_category(res.image_scores, labels, res.maps, masks)
+        known = (
+            np.ones(labels.shape, bool) if res.has_mask is None else np.asarray(res.has_mask, bool)
+        )
+        values = evaluate_category(res.image_scores, labels, res.maps, masks, known)
         from_masks = masks.reshape(masks.shape[0], -1).any(axis=1)
-        mismatched = int(np.count_nonzero(from_masks != (labels != 0)))
+        mismatched = int(np.count_nonzero((from_masks != (labels != 0)) & known))
         if mismatched:
             notes.append(
                 f"{category}: {mismatched} image label(s) disagree with 'mask has a positive "
                 "pixel', the reference's definition of an anomalous image"
+            )
+        if not known.all():
+            unknown = int(np.count_nonzero(~known))
+            notes.append(
+                f"{category}: {unknown} defective test image(s) have no mask: image metrics use "
+                f"their folder label, pixel metrics use the other {int(known.sum())} image(s)"
             )
         for key, value in values.items():
             metrics[f"{category}/{key}"] = value
             if key in _NOT_AVERAGED:
                 continue
             if math.isnan(value):
-                notes.append(f"{category}/{key} is nan (a class is absent)")
+                if key.startswith("pixel_") and not (known & (labels != 0)).any():
+                    why = "no defective test image has a mask"
+                else:
+                    why = "a class is absent"
+                notes.append(f"{category}/{key} is nan, reported as n/a ({why})")
             elif key.endswith("auroc") and value < 0.5:
                 notes.append(
                     f"{category}/{key} = {value:.4f} < 0.5: the reference code would have "
@@ -610,7 +655,9 @@ def format_table(metrics: dict[str, float]) -> str:
     """Formats the output of :func:`evaluate` as an aligned plain-text table.
 
     One row per category (in the order of ``metrics``) and the ``mean`` row last; the main metrics
-    as percentages with one decimal; ``-`` for a missing metric and ``nan`` for an undefined one.
+    as percentages with one decimal; ``-`` for a missing metric and ``n/a`` for an undefined one
+    (e.g. pixel metrics of a category without masks). The false-alarm rate at the decision
+    threshold gets a column when some category has it.
     """
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
@@ -623,10 +670,12 @@ def format_table(metrics: dict[str, float]) -> str:
         if metric not in row:
             return "-"
         value = row[metric]
-        return "nan" if math.isnan(value) else f"{100.0 * value:.1f}"
+        return NOT_AVAILABLE if math.isnan(value) else f"{100.0 * value:.1f}"
 
-    header = ["category"] + [title for _, title in _TABLE_COLUMNS]
-    body = [[name] + [cell(row, m) for m, _ in _TABLE_COLUMNS] for name, row in rows.items()]
+    columns = list(_TABLE_COLUMNS)
+    columns += [c for c in _OPTIONAL_COLUMNS if any(c[0] in row for row in rows.values())]
+    header = ["category"] + [title for _, title in columns]
+    body = [[name] + [cell(row, m) for m, _ in columns] for name, row in rows.items()]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

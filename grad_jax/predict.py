@@ -16,9 +16,11 @@ Command line::
 PATHs are image files or folders (searched recursively for .png .jpg .jpeg .bmp .tif .tiff in
 any letter case; hidden files and folders are skipped). Results in --out:
 
-- `scores.csv`: `file,score,decision,threshold`, one row per scored image;
-- `maps.npz`: the raw anomaly map (float32, model input size) of every image, keyed like `file`;
-- `overlays/<file>.png`: the heat map over the image at its original size;
+- `scores.csv`: `file,score,decision,threshold,category,calibrated,overlay`, one row per image;
+- `maps.npz`: the raw anomaly map (float32, model input size; with tiling the stitched map at
+  the original size) of every image, keyed like `file`;
+- `overlays/<file>`: the heat map over the image at its original size, as a PNG named like the
+  input (`a.png` -> `a.png`, `b.jpg` -> `b.png`, or `b.jpg.png` when `b.png` is an input too);
 - `README.txt`: what was run, the threshold and the overlay colour range used.
 
 Images are decoded and converted exactly as the training data (`tfds_mvtec` layout rules: 16-bit
@@ -32,7 +34,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
-import dataclasses
 import io
 import math
 import os
@@ -47,13 +48,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from grad_jax import images as image_lib
 from grad_jax import input_pipeline, visualize
+from grad_jax.decisions import Decisions, Prediction
+from grad_jax.images import read_image, to_rgb8
 from tfds_mvtec.mvtec_ad import layout
 
 #: The exit statuses of the command line.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 OVERLAY_DIR = "overlays"
-_FLOAT_TOLERANCE = 1e-6  # float images may overshoot [0, 1] by this much (rounding)
+CSV_COLUMNS = ["file", "score", "decision", "threshold", "category", "calibrated", "overlay"]
 _DECODE_THREADS = 4
 
 
@@ -61,74 +65,9 @@ class UsageError(ValueError):
     """A command-line or API argument that cannot work; the message says why."""
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Prediction:
-    """The result for one image.
-
-    score: the image anomaly score (higher = more anomalous).
-    anomaly_map: `[H, W]` float32, the raw per-pixel anomaly map at the model input size
-        (before the smoothing that the score is computed from).
-    is_anomalous: `score >= threshold`, or None when no threshold is known.
-    """
-
-    score: float
-    anomaly_map: np.ndarray
-    is_anomalous: bool | None
-
-
-# --------------------------------------------------------------------------------------------
-# Image conversion.
-# --------------------------------------------------------------------------------------------
-
-
-def to_rgb8(image: Any, name: str = "<image>") -> np.ndarray:
-    """Any supported image -> `[H, W, 3]` uint8 at its own size, as the data loader converts.
-
-    Accepts a Pillow image, or an array `HxW`, `HxWx1`, `HxWx3` or `HxWx4` (RGBA; alpha is
-    dropped) of dtype uint8, uint16 (scaled to 8 bits as 16-bit files are) or float in [0, 1].
-    Raises ValueError (BadImageError for Pillow images of an unsupported mode).
-    """
-    if isinstance(image, Image.Image):
-        return np.asarray(layout.to_rgb8(image, name))
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(
-            f"{name}: shape {array.shape} is not an image; expected HxW, HxWx1, HxWx3 or HxWx4"
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{name}: the image is empty (shape {array.shape})")
-    if array.dtype == np.uint8:
-        pass
-    elif array.dtype == np.uint16:
-        if array.ndim == 3:
-            # Pillow reads 16-bit colour files as their high byte; do the same for arrays.
-            array = (array >> 8).astype(np.uint8)
-        # HxW uint16 becomes a Pillow I;16 image, which layout.to_rgb8 scales to 8 bits.
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ValueError(f"{name}: the float image holds NaN or infinite values")
-        low, high = float(array.min()), float(array.max())
-        if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
-            raise ValueError(
-                f"{name}: float images must lie in [0, 1], this one spans [{low:.4g}, {high:.4g}]"
-            )
-        array = np.rint(np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    else:
-        raise ValueError(f"{name}: dtype {array.dtype} is not supported (uint8, uint16 or float)")
-    return np.asarray(layout.to_rgb8(Image.fromarray(np.ascontiguousarray(array)), name))
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as `[H, W, 3]` uint8 at its own size; BadImageError if it cannot be read."""
-    image = layout.open_image(layout.read_bytes(path), path)
-    try:
-        return np.asarray(layout.to_rgb8(image, path))
-    except (ValueError, OSError) as err:
-        if isinstance(err, layout.BadImageError):
-            raise
-        raise layout.BadImageError(path, f"cannot convert to RGB ({err})") from err
+# The result type, image conversion and decision rules live in light modules shared with the
+# exported model (grad_jax.deploy); re-exported here so `from grad_jax.predict import ...` works.
+__all__ = ["Prediction", "Predictor", "UsageError", "read_image", "to_rgb8"]
 
 
 def _reason(err: BaseException) -> str:
@@ -146,7 +85,10 @@ class Predictor:
     """A trained model ready to score images; one compiled program for batches of `batch_size`.
 
     Every batch sent to the device is padded to exactly `batch_size` images, so however many
-    images are scored, the predict function is compiled once.
+    images are scored, the predict function is compiled once. Decisions follow
+    `grad_jax.decisions`: per class (given, or recognised from the image) with the thresholds,
+    held-out normal scores and class centres stored with the run (`meta`); `threshold`, when
+    set, overrides them all.
     """
 
     def __init__(
@@ -165,14 +107,20 @@ class Predictor:
             raise UsageError(f"batch_size must be at least 1, got {batch_size}")
         self.config = config
         self.batch_size = int(batch_size)
-        self.threshold = None if threshold is None else float(threshold)
         self.meta = dict(meta or {})
+        self.decisions = Decisions(self.meta)
+        if threshold is not None:
+            self.decisions.fix_threshold(threshold)
         self.step = step
         self.workdir = workdir
         self.image_size: tuple[int, int] = tuple(int(x) for x in config.data.image_size)
         self._predict_fn: Callable[[np.ndarray], dict[str, np.ndarray]] = evaluate.make_predict_fn(
             variables, config
         )
+        # Tiling: images keep their size here; each is scaled, cut, scored and stitched.
+        self.tiled = input_pipeline.tiling_on(config)
+        if self.tiled:
+            self._tiled_fn = evaluate.make_tiled_predict_fn(self._predict_fn, config)
 
     @classmethod
     def from_workdir(
@@ -188,7 +136,9 @@ class Predictor:
         workdir = os.fspath(workdir)
         wd.read_config(workdir)  # fails clearly (before anything is created) if not a run
         if step is not None:
-            ckpt = checkpointing.Checkpoints(workdir)
+            # Read-only: a writable manager would clean up the in-progress save of a training
+            # job running beside us.
+            ckpt = checkpointing.Checkpoints(workdir, read_only=True)
             steps = ckpt.steps()
             ckpt.close()
             if int(step) not in steps:
@@ -200,7 +150,6 @@ class Predictor:
         return cls(
             trained.variables,
             trained.config,
-            threshold=trained.threshold,
             batch_size=batch_size,
             meta=trained.meta,
             step=trained.step,
@@ -208,66 +157,96 @@ class Predictor:
         )
 
     @property
+    def threshold(self) -> float | None:
+        """The run-wide threshold: the one fixed by the caller if any, else the run's (or None).
+
+        Assigning it decides every image with that value (None: no decisions);
+        `decisions.use_stored_thresholds()` returns to the stored per-class thresholds.
+        """
+        d = self.decisions
+        return d.fixed_threshold if d.fixed else d.run_threshold
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self.decisions.fix_threshold(value)
+
+    @property
+    def categories(self) -> list[str]:
+        """The class names the model was trained on (empty for runs that did not store them)."""
+        return list(self.decisions.categories)
+
+    @property
     def category_thresholds(self) -> dict[str, float]:
         """Per-category thresholds stored with the run (category name -> score), maybe empty."""
-        th = self.meta.get("threshold") or {}
-        return {k: float(v) for k, v in (th.get("per_category") or {}).items() if v is not None}
+        return dict(self.decisions.per_category)
 
     def prepare(self, image: Any, name: str = "<image>") -> np.ndarray:
-        """One image (see `to_rgb8`) -> `[H, W, 3]` uint8 at the model input size."""
-        return input_pipeline.resize_image(to_rgb8(image, name), self.image_size)
+        """One image (see `to_rgb8`) -> `[H, W, 3]` uint8 at the model input size (with tiling:
+        at its own size; `predict_prepared` cuts it)."""
+        return self._model_input(to_rgb8(image, name))
+
+    def _model_input(self, rgb: np.ndarray) -> np.ndarray:
+        return rgb if self.tiled else image_lib.resize_image(rgb, self.image_size)
 
     def decide(self, score: float) -> bool | None:
-        return None if self.threshold is None else bool(score >= self.threshold)
+        """`score` against the run-wide threshold (see `threshold`)."""
+        threshold = self.threshold
+        return None if threshold is None else bool(score >= threshold)
 
-    def predict(self, images: Sequence[Any]) -> list[Prediction]:
+    def predict(
+        self,
+        images: Sequence[Any],
+        categories: Sequence[str | None] | str | None = None,
+    ) -> list[Prediction]:
         """Score a sequence of images (arrays of any size, see `to_rgb8`, or Pillow images).
 
         A `[N, H, W, C]` array counts as N images; a single image must be wrapped in a list.
+        `categories`: one class for all images, one per image, or None (recognised).
         """
-        if isinstance(images, np.ndarray) and images.ndim < 4:
-            raise ValueError(
-                f"predict() takes a sequence of images; got one array of shape {images.shape} "
-                "(wrap a single image in a list)"
-            )
-        out: list[Prediction] = []
-        batch: list[np.ndarray] = []
-        for i, image in enumerate(images):
-            batch.append(self.prepare(image, f"image {i}"))
-            if len(batch) == self.batch_size:
-                out += self.predict_prepared(batch)
-                batch = []
-        if batch:
-            out += self.predict_prepared(batch)
-        return out
+        return image_lib.in_batches(
+            images, categories, self.batch_size, self.prepare, self.predict_prepared
+        )
 
-    def predict_prepared(self, batch: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict_prepared(
+        self,
+        batch: Sequence[np.ndarray],
+        categories: Sequence[str | None] | str | None = None,
+    ) -> list[Prediction]:
         """Score at most `batch_size` images already at the model size (`prepare`)."""
         n = len(batch)
         if not n:
             return []
         if n > self.batch_size:
             raise ValueError(f"{n} images in one batch; at most batch_size={self.batch_size}")
-        h, w = self.image_size
-        x = np.zeros((self.batch_size, h, w, 3), np.uint8)  # padded: one program for all
-        for i, image in enumerate(batch):
-            if image.shape != (h, w, 3) or image.dtype != np.uint8:
-                raise ValueError(
-                    f"prepared image {i}: {image.shape} {image.dtype}, expected ({h}, {w}, 3) uint8"
-                )
-            x[i] = image
-        result = self._predict_fn(x)
-        scores = np.asarray(result["score"], np.float64)
-        raw = np.asarray(result["raw"])
-        return [
-            Prediction(
-                float(scores[i]), np.array(raw[i], np.float32), self.decide(float(scores[i]))
+        if self.tiled:
+            return self._predict_tiled(batch, categories)
+        result = self._predict_fn(image_lib.stack_prepared(batch, self.image_size, self.batch_size))
+        return self.decisions.results(
+            np.asarray(result["score"])[:n],
+            np.asarray(result["raw"])[:n],
+            categories,
+            np.asarray(result["pooled"])[:n],
+        )
+
+    def _predict_tiled(
+        self, batch: Sequence[np.ndarray], categories: Sequence[str | None] | str | None
+    ) -> list[Prediction]:
+        """Images at their own sizes, one at a time: scaled, tiled, stitched; each map back at
+        its image's original size."""
+        scores, maps, pooled = [], [], []
+        for image in batch:
+            original = image.shape[:2]
+            scaled = image_lib.resize_image(
+                image, input_pipeline.scaled_size(self.config, original)
             )
-            for i in range(n)
-        ]
+            result = self._tiled_fn(scaled[None])
+            scores.append(float(result["score"][0]))
+            maps.append(_upsample(np.asarray(result["raw"][0], np.float32), original))
+            pooled.append(result["pooled"][0])
+        return self.decisions.results(np.asarray(scores), maps, categories, np.stack(pooled))
 
     def iter_files(
-        self, paths: Iterable[str | os.PathLike]
+        self, paths: Iterable[str | os.PathLike], category: str | None = None
     ) -> Iterator[tuple[str, np.ndarray | None, Prediction | None, str | None]]:
         """`(path, original RGB image, prediction, None)` or `(path, None, None, reason)` per path,
         in order. Files are decoded on background threads, a few batches ahead."""
@@ -275,14 +254,14 @@ class Predictor:
 
         def load(path: str) -> tuple[np.ndarray, np.ndarray]:
             original = read_image(path)
-            return original, input_pipeline.resize_image(original, self.image_size)
+            return original, self._model_input(original)
 
         pending: list[tuple[str, Any, str | None]] = []  # (path, images or None, reason)
         waiting = 0
 
         def flush():
             ready = [item[1] for item in pending if item[1] is not None]
-            predictions = iter(self.predict_prepared([r for _, r in ready]))
+            predictions = iter(self.predict_prepared([r for _, r in ready], category))
             for path, images, reason in pending:
                 if images is None:
                     yield path, None, None, reason
@@ -438,6 +417,27 @@ def _write_overlay(path: str, image: np.ndarray, anomaly_map: np.ndarray, vmin, 
     os.replace(tmp, path)
 
 
+def overlay_names(keys: Sequence[str]) -> dict[str, str]:
+    """The overlay file of each result key (a relative path): the key itself when it names a
+    PNG, else the key with its extension replaced by `.png`; `<key>.png` (then `_2`, `_3`, ...)
+    when that name is taken by another input. Unique without regard to letter case."""
+    taken = {k.lower() for k in keys if k.lower().endswith(".png")}
+    names = {k: k for k in keys if k.lower().endswith(".png")}
+    for key in keys:
+        if key in names:
+            continue
+        stem = posixpath.splitext(key)[0]
+        candidates = [stem + ".png", key + ".png"]
+        k = 2
+        while all(c.lower() in taken for c in candidates):
+            candidates.append(f"{stem}_{k}.png")
+            k += 1
+        name = next(c for c in candidates if c.lower() not in taken)
+        taken.add(name.lower())
+        names[key] = name
+    return names
+
+
 def _fmt(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
@@ -472,10 +472,12 @@ def write_outputs(
     report_failure: Callable[[str, str], None],
     progress: bool = True,
     missing: Sequence[tuple[str, str]] = (),
+    category: str | None = None,
 ) -> tuple[int, list[tuple[str, str]]]:
     """Score `files` (`(path, key)`) and write scores.csv, maps.npz, overlays/ and README.txt.
 
     `missing`: `(path, reason)` of inputs that failed before (listed in README.txt too).
+    `category`: the class of every image (None: each image's is recognised).
     Every output is written under a temporary name and renamed when complete. Returns (number
     of images scored, [(path, reason)] of the files that could not be read).
     """
@@ -500,10 +502,11 @@ def write_outputs(
         anomalous = 0
         with open(temps["scores.csv"], "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["file", "score", "decision", "threshold"])
+            writer.writerow(CSV_COLUMNS)
             keys = dict(files)
+            overlay_of = overlay_names([key for _, key in files])
             bar = tqdm.tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
-            for path, image, p, reason in predictor.iter_files([p for p, _ in files]):
+            for path, image, p, reason in predictor.iter_files([p for p, _ in files], category):
                 bar.update(1)
                 if p is None:
                     failed.append((path, reason))
@@ -513,10 +516,20 @@ def write_outputs(
                 scored.append((path, key))
                 decision = {None: "", True: "anomalous", False: "normal"}[p.is_anomalous]
                 anomalous += bool(p.is_anomalous)
-                writer.writerow([key, _fmt(p.score), decision, _fmt(threshold)])
+                writer.writerow(
+                    [
+                        key,
+                        _fmt(p.score),
+                        decision,
+                        _fmt(p.threshold),
+                        p.category or "",
+                        _fmt(p.calibrated),
+                        overlay_of[key],
+                    ]
+                )
                 npz.add(key, p.anomaly_map)
                 if fixed_range:
-                    overlay = os.path.join(temps[OVERLAY_DIR], key + ".png")
+                    overlay = os.path.join(temps[OVERLAY_DIR], overlay_of[key])
                     _write_overlay(overlay, image, p.anomaly_map, vmin, vmax)
                 else:
                     vmin = min(vmin, float(p.anomaly_map.min()))
@@ -549,6 +562,7 @@ def write_outputs(
 
 def _overlays_from_maps(predictor, scored, temps, vmin, vmax, progress, tqdm) -> None:
     """Second pass when the colour range comes from all maps: re-read image and map."""
+    overlay_of = overlay_names([key for _, key in scored])
     with np.load(temps["maps.npz"]) as maps:
         bar = tqdm.tqdm(total=len(scored), unit="img", desc="overlays", disable=not progress)
         for path, key in scored:
@@ -558,7 +572,7 @@ def _overlays_from_maps(predictor, scored, temps, vmin, vmax, progress, tqdm) ->
             except layout.BadImageError as err:  # changed on disk since it was scored
                 print(f"grad_jax: no overlay for {path}: {err.reason}", file=sys.stderr)
                 continue
-            overlay = os.path.join(temps[OVERLAY_DIR], key + ".png")
+            overlay = os.path.join(temps[OVERLAY_DIR], overlay_of[key])
             _write_overlay(overlay, image, maps[key], vmin, vmax)
         bar.close()
 
@@ -587,15 +601,31 @@ def _readme(predictor, scored, failed, anomalous, threshold_source, vmin, vmax) 
         f"Decision threshold: {_fmt(threshold) or 'none'} ({threshold_source}).",
         "",
         "Files:",
-        "  scores.csv   file,score,decision,threshold; one row per scored image. 'file' is the",
-        "               path relative to the folder it was found in (or the file's name when it",
-        "               was given directly); decision is 'anomalous' when score >= threshold,",
-        "               'normal' otherwise, and empty when no threshold is known.",
-        f"  maps.npz     one float32 array of {h}x{w} per image, keyed like 'file': the raw",
-        "               anomaly map at the model input size (per-pixel distance, before the",
-        "               smoothing the score is computed from).",
-        "  overlays/    <file>.png: the raw map, upsampled (bilinear) to the image's original",
-        "               size, in jet colours (blue = low, red = high) blended over the image.",
+        "  scores.csv   " + ",".join(CSV_COLUMNS) + "; one row per scored image.",
+        "               'file' is the path relative to the folder it was found in (or the",
+        "               file's name when it was given directly); decision is 'anomalous' when",
+        "               score >= threshold, 'normal' otherwise, and empty when no threshold is",
+        "               known; category is the class the decision was made for (given with",
+        "               --category, or recognised from the image); calibrated is the fraction of",
+        "               that class's held-out normal images that scored lower; overlay is the",
+        "               overlay's file name in overlays/.",
+        *(
+            [
+                "  maps.npz     one float32 array per image at its original size, keyed like",
+                f"               'file': the raw maps of its {h}x{w} tiles, stitched (overlaps",
+                "               averaged) and resized to the image (per-pixel distance, before",
+                "               the smoothing the score is computed from).",
+            ]
+            if predictor.tiled
+            else [
+                f"  maps.npz     one float32 array of {h}x{w} per image, keyed like 'file':",
+                "               the raw anomaly map at the model input size (per-pixel distance,",
+                "               before the smoothing the score is computed from).",
+            ]
+        ),
+        "  overlays/    one PNG per image, named like the input (extension .png; see 'overlay'",
+        "               in scores.csv): the raw map, upsampled (bilinear) to the image's",
+        "               original size, in jet colours (blue = low, red = high) over the image.",
         "",
         f"Overlay colour range: {colour}. Values outside it are clipped.",
     ]
@@ -694,11 +724,14 @@ def main(argv: Sequence[str]) -> int:
             threshold, source = resolve_threshold(predictor, values.threshold, values.category)
         except (UsageError, FileNotFoundError, checkpointing.CheckpointMismatchError) as err:
             return usage_error(str(err))
-        predictor.threshold = threshold
+        if values.threshold is not None:
+            predictor.threshold = threshold
+        elif values.category is None and len(predictor.categories) > 1:
+            source = "per image: the run's threshold for its class (given or recognised)"
         for path, reason in failed:
             report(path, reason)
         n, unreadable = write_outputs(
-            predictor, files, values.out, source, report, values.progress, failed
+            predictor, files, values.out, source, report, values.progress, failed, values.category
         )
     failed += unreadable
     flagged = ""

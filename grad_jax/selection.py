@@ -359,6 +359,14 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     if not train_items:
         raise SelectionError("no training images left after holding out the validation share")
+    if input_pipeline.tiling_on(config):
+        raise SelectionError(
+            "config.select does not combine with data.tile yet: choose the tiling yourself "
+            "(--config.data.tile.size=0 to select among whole-image recipes)"
+        )
+    if config.data.image_size == input_pipeline.AUTO_SIZE:  # measured on training images only
+        config = config.copy_and_resolve_references()
+        config.data.image_size = input_pipeline.resolve_image_size(config, shells)
     val = build_validation(
         folders, names, train_items, held_items, config.selection.defects_per_image, config.seed
     )

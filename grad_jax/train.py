@@ -30,6 +30,7 @@ from grad_jax import workdir as wd
 from grad_jax.models.grad_head import feature_loss
 from grad_jax.models.model import build_model, split_model, to_flat
 from grad_jax.optim import make_optimizer
+from grad_jax.precision import PRECISIONS, with_precision
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,12 @@ class Interrupted(KeyboardInterrupt):
 
 
 def make_train_step(
-    variables: wd.ModelVariables, tx, mesh, from_features: bool, seed: int
+    variables: wd.ModelVariables,
+    tx,
+    mesh,
+    from_features: bool,
+    seed: int,
+    precision: str = "default",
 ) -> Callable:
     """step(state, backbone, batch) -> (state, metrics). Batch: 'image' or 'feature_<i>'."""
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -81,24 +87,28 @@ def make_train_step(
             "opt_state": opt_state,
         }
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        return new_state, {"loss": loss, "grad_norm": grad_norm}
+        # Every process's stop request rides with its rows of the batch: the maximum is the
+        # same on all processes, so they all stop after the same step (see _train_loop).
+        stop = jnp.max(batch["stop"]) if "stop" in batch else jnp.zeros((), jnp.int32)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "stop": stop}
 
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(rep, rep, data),
         out_shardings=(rep, rep),
         donate_argnums=(0,),
     )
+    return with_precision(jitted, precision)
 
 
-def make_extract_fn(variables: wd.ModelVariables, mesh) -> Callable:
+def make_extract_fn(variables: wd.ModelVariables, mesh, precision: str = "default") -> Callable:
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
     def extract(backbone, images):
         model = variables.merge(backbone=backbone)
         return model.extract(images)
 
-    return jax.jit(extract, in_shardings=(rep, data), out_shardings=data)
+    return with_precision(jax.jit(extract, in_shardings=(rep, data), out_shardings=data), precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +202,10 @@ class MetricsLog:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and stops."""
+    """SIGINT/SIGTERM set a flag. The flag travels inside the next training step's batch; when
+    that step's result shows a request from any process, every process saves a checkpoint after
+    the same step and stops (one step later than the signal, and never a hang when the signal
+    reaches only some hosts)."""
 
     def __init__(self):
         self.stop = False
@@ -239,6 +252,8 @@ def validate_config(config, *, training: bool = True) -> None:
 
     need(m.backbone in VARIANTS, f"model.backbone={m.backbone!r}: one of {', '.join(VARIANTS)}")
     need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: 'float32' or 'bfloat16'")
+    precision = m.get("precision", "default")  # absent in run folders from before the field
+    need(precision in PRECISIONS, f"model.precision={precision!r}: one of {PRECISIONS}")
     need(m.depthwise_impl in DEPTHWISE_IMPLS, f"model.depthwise_impl: one of {DEPTHWISE_IMPLS}")
     need(m.ch_exp > 0 and m.ch_exp % 4 == 0, f"model.ch_exp={m.ch_exp}: a positive multiple of 4")
     need(m.layers >= 1, "model.layers must be at least 1")
@@ -252,10 +267,33 @@ def validate_config(config, *, training: bool = True) -> None:
             f"model.out_stride={m.out_stride}: a power of two no larger than {finest}",
         )
         coarsest = 2 ** max(m.out_layers)
-        size_ok = len(d.image_size) == 2 and all(
-            isinstance(n, int) and n > 0 and n % coarsest == 0 for n in d.image_size
-        )
-        need(size_ok, f"data.image_size={tuple(d.image_size)}: two multiples of {coarsest}")
+        if d.image_size == input_pipeline.AUTO_SIZE:
+            need(
+                isinstance(d.auto_pixels, int) and d.auto_pixels >= coarsest * coarsest,
+                f"data.auto_pixels={d.auto_pixels!r}: an int of at least {coarsest * coarsest}",
+            )
+        else:
+            size_ok = (
+                isinstance(d.image_size, tuple | list)
+                and len(d.image_size) == 2
+                and all(isinstance(n, int) and n > 0 and n % coarsest == 0 for n in d.image_size)
+            )
+            need(
+                size_ok,
+                f"data.image_size={d.image_size!r}: (height, width), two multiples of the "
+                f"coarsest stride {coarsest} (e.g. {(coarsest * 14, coarsest * 6)}), or 'auto'",
+            )
+        tile = d.get("tile")
+        if tile is not None and tile.size:
+            need(
+                isinstance(tile.size, int) and tile.size > 0 and tile.size % coarsest == 0,
+                f"data.tile.size={tile.size!r}: 0 (off) or a multiple of {coarsest}",
+            )
+            need(
+                isinstance(tile.overlap, int) and 0 <= tile.overlap < tile.size,
+                f"data.tile.overlap={tile.overlap!r}: pixels in [0, data.tile.size)",
+            )
+            need(tile.scale > 0, f"data.tile.scale={tile.scale!r}: positive (1.0 = native)")
     need(
         d.dataset in ("mvtec_ad", "folder", "demo"), "data.dataset: 'mvtec_ad', 'folder' or 'demo'"
     )
@@ -289,12 +327,14 @@ def train_and_evaluate(
     os.makedirs(workdir, exist_ok=True)
 
     categories = input_pipeline.open_categories(config)
+    with config.ignore_type():  # 'auto' becomes the chosen (height, width), kept in config.json
+        config.data.image_size = input_pipeline.resolve_image_size(config, categories)
     names = [c.name for c in categories]
     train_items, held_items = input_pipeline.split_holdout(
         categories, config.threshold.holdout_fraction, config.seed
     )
     sources = [c.train for c in categories]
-    train_source = input_pipeline.IndexedSource(sources, train_items, config.data.image_size, names)
+    train_source = input_pipeline.training_source(config, sources, train_items, names)
     n_train = len(train_source)
     if n_train == 0:
         raise ConfigError(
@@ -311,6 +351,10 @@ def train_and_evaluate(
 
     ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints)
     resuming = ckpt.latest_step() is not None
+    run_values = {
+        **checkpointing.fingerprint(config, checkpointing.RESUME_FIELDS),
+        "train_images": n_train,
+    }
     if resuming:  # the checkpoint holds the backbone: no weights file needed
         model = build_model(config, seed=config.seed)
     else:
@@ -333,6 +377,7 @@ def train_and_evaluate(
             "backbone": variables.backbone,
         }
         start_step, items, meta = ckpt.restore(templates, config)
+        checkpointing.check_resume(meta.get("run"), run_values, workdir)
         state = {**items["model"], **items["train"]}
         variables.backbone = items["backbone"]
         log.info("resuming from step %d (%s)", start_step, ckpt.directory)
@@ -352,6 +397,7 @@ def train_and_evaluate(
             "epoch": step / steps_per_epoch,
             "steps_per_epoch": steps_per_epoch,
             "final": final,
+            "run": run_values,
             **(extra or {}),
         }
         items = {
@@ -363,8 +409,9 @@ def train_and_evaluate(
 
     done = bool(meta.get("final")) and start_step >= total_steps
     metrics_log = MetricsLog(workdir, start_step)
+    cache, stopped = None, False
     if not done:
-        state = _train_loop(
+        state, cache, stopped = _train_loop(
             config, variables, tx, schedules, mesh, state, backbone,
             train_source, steps_per_epoch, start_step, metrics_log, save,
         )  # fmt: skip
@@ -376,9 +423,19 @@ def train_and_evaluate(
     predict = evaluate.make_predict_fn(predict_vars, config, mesh)
     if not done:
         threshold = _threshold(predict, categories, held_items, config)
-        save(total_steps, state, final=True, extra={"threshold": threshold})
-        meta = {"threshold": threshold}
+        centres = _class_centres(predict_vars, cache, train_source, config, mesh)
+        meta = {"threshold": threshold, "class_centres": centres, "categories": names}
+        if total_steps in ckpt.steps():
+            # A non-final save of the last step (an interrupt there, by an older version):
+            # the state is the one just restored from it, so replacing it loses nothing.
+            ckpt.delete(total_steps)
+        save(total_steps, state, final=True, extra=meta)
     ckpt.close()
+    if stopped:
+        raise Interrupted(
+            f"stopped after the last step; training is complete and saved (step {total_steps}). "
+            "Run the same command again to evaluate."
+        )
 
     results = evaluate.evaluate_categories(predict, categories, config)
     info = {
@@ -387,30 +444,63 @@ def train_and_evaluate(
         "step": total_steps,
         **(extra_info or {}),
     }
-    return evaluate.publish(workdir, results, info)
+    return evaluate.publish(workdir, results, info, meta.get("class_centres"))
 
 
 def _threshold(predict, categories, held_items, config) -> dict[str, Any] | None:
     if not held_items:
         log.info("no held-out images (threshold.holdout_fraction = 0): no decision threshold")
         return None
+    scores = evaluate.score_held_out(predict, categories, held_items, config)
     names = [c.name for c in categories]
-    source = input_pipeline.IndexedSource(
-        [c.train for c in categories], held_items, config.data.image_size, names
-    )
-    scores = evaluate.score_items(predict, source, config.eval.batch_size, "threshold")
     q = config.threshold.quantile
-    per_category = {}
+    per_category, normal_scores = {}, {}
     for c, name in enumerate(names):
         mine = scores[[i for i, item in enumerate(held_items) if item.category == c]]
         if len(mine):
             per_category[name] = float(np.quantile(mine, q))
+            normal_scores[name] = sorted(float(x) for x in mine)  # for calibrated values
     return {
         "image_score": float(np.quantile(scores, q)),
         "quantile": q,
         "num_images": len(scores),
         "per_category": per_category,
+        "normal_scores": normal_scores,
         "source": "held-out normal training images (never trained on)",
+    }
+
+
+def _class_centres(variables, cache, train_source, config, mesh) -> dict[str, Any]:
+    """Mean pooled backbone feature of each class's training images (nearest-centre class
+    recognition at inference). From the feature cache when there is one, else one backbone pass.
+    """
+    if cache is not None:
+        pooled = np.concatenate([c.mean(axis=(1, 2), dtype=np.float64) for c in cache], axis=1)
+    else:
+        pooled_fn = evaluate.make_pooled_fn(variables, mesh)
+        parts = evaluate.predict_items(
+            pooled_fn, train_source, config.eval.batch_size, "class centres"
+        )
+        pooled = np.concatenate([out["pooled"] for _, out in parts]).astype(np.float64)
+    items = train_source.items
+    if isinstance(train_source, input_pipeline.TiledSource):  # one record per tile
+        labels = np.array([items[k].category for k, *_ in train_source.entries])
+    else:
+        labels = np.array([item.category for item in items])
+    names, centres, counts = [], [], []
+    for c, name in enumerate(train_source.names):
+        mine = pooled[labels == c]
+        if len(mine):
+            names.append(name)
+            centres.append(mine.mean(axis=0).astype(np.float32).tolist())
+            counts.append(len(mine))
+    return {
+        "names": names,
+        "centres": centres,
+        "num_images": counts,
+        "feature": "backbone stage outputs "
+        f"{tuple(config.model.out_layers)} averaged over positions, concatenated",
+        "distance": "euclidean",
     }
 
 
@@ -418,7 +508,9 @@ def _train_loop(
     config, variables, tx, schedules, mesh, state, backbone, train_source,
     steps_per_epoch, start_step, metrics_log, save,
 ):  # fmt: skip
-    """Run the remaining epochs; returns the final state."""
+    """Run the remaining epochs; returns (final state, the feature cache or None, whether a
+    stop was asked at the last step). A stop before the last step saves a checkpoint and raises
+    Interrupted."""
     n_train = len(train_source)
     global_batch = config.train.batch_size
     devices = jax.device_count()
@@ -426,14 +518,31 @@ def _train_loop(
     cached = use_cache(config, shapes, n_train)
     cache = names = None
     if cached:
-        extract = make_extract_fn(variables, mesh)
+        extract = make_extract_fn(variables, mesh, config.model.precision)
         cache, names = build_feature_cache(extract, backbone, train_source, config, mesh, shapes)
-    step_fn = make_train_step(variables, tx, mesh, cached, config.seed)
+    step_fn = make_train_step(variables, tx, mesh, cached, config.seed, config.model.precision)
 
     start_epoch = start_step // steps_per_epoch
+    total_steps = steps_per_epoch * config.train.epochs
     step = start_step
     pending = None  # (step, metrics, filenames): checked one step late to keep the device busy
     with StopFlag() as stop:
+
+        def stop_agreed(checked, latest) -> bool:
+            """Logs the `checked` step; True when any process asked to stop in its batch (all
+            processes see the same value after the same step). Before the last step, saves the
+            `latest` step (logged too) and raises Interrupted."""
+            _check_and_log(checked, metrics_log, schedules, config, steps_per_epoch)
+            if not bool(checked[1]["stop"]):
+                return False
+            if step < total_steps:
+                if latest is not checked:
+                    _check_and_log(latest, metrics_log, schedules, config, steps_per_epoch)
+                save(step, state)
+                raise Interrupted(f"stopped at step {step}; run the same command again to continue")
+            return True  # the last step: training is complete, the caller saves it as final
+
+        stopped = False
         for epoch in range(start_epoch, config.train.epochs):
             order = input_pipeline.epoch_order(n_train, config.seed, epoch, global_batch, devices)
             skip = (step - epoch * steps_per_epoch) * global_batch
@@ -458,29 +567,25 @@ def _train_loop(
                 local.pop("label", None)
                 local.pop("category", None)
                 local.pop("position", None)
+                local["stop"] = np.full((len(filenames),), int(stop.requested()), np.int32)
                 batch = sharding.global_batch(local, mesh)
                 state, step_metrics = step_fn(state, backbone, batch)
-                if pending is not None:
-                    _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
-                images_seen += len(filenames) * jax.process_count()
                 step += 1
-                pending = (step, step_metrics, filenames, images_seen / (time.time() - t0))
+                images_seen += len(filenames) * jax.process_count()
+                latest = (step, step_metrics, filenames, images_seen / (time.time() - t0))
+                if pending is not None:
+                    stopped = stop_agreed(pending, latest)
+                pending = latest
                 bar.update(1)
-                if stop.requested():
-                    _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
-                    save(step, state)
-                    raise Interrupted(
-                        f"stopped at step {step}; run the same command again to continue"
-                    )
             bar.close()
             if pending is not None:
-                _check_and_log(pending, metrics_log, schedules, config, steps_per_epoch)
+                stopped = stop_agreed(pending, pending) or stopped
                 pending = None
             every = config.train.checkpoint_every_epochs
             last_epoch = epoch + 1 == config.train.epochs
             if not last_epoch and every > 0 and (epoch + 1) % every == 0:
                 save(step, state)
-    return state
+    return state, cache, stopped
 
 
 class _BatchNames:

@@ -54,6 +54,11 @@ _COLUMNS = (
     ("pixel_ap", "P-AP", "pixel-level average precision"),
     ("image_f1_max", "I-F1max", "image-level best F1 over all thresholds"),
     ("pixel_f1_max", "P-F1max", "pixel-level best F1 over all thresholds"),
+    (
+        "false_alarm_rate",
+        "FAR@thr",
+        "share of good test images at or above the decision threshold (false alarms)",
+    ),
 )
 
 
@@ -217,6 +222,8 @@ def _thin_curve(
 
 
 def _legend_outside(ax, n: int) -> None:
+    if n == 0:  # nothing drawn (e.g. no category has masks): no empty legend
+        return
     ax.legend(
         loc="upper left",
         bbox_to_anchor=(1.02, 1.0),
@@ -267,7 +274,9 @@ def _pro_figure(
     drawn, sampled_names, notes = [], [], []
     styles = _category_styles(len(results))
     for k, r in enumerate(results):
-        curve = pro_curve_for_plot(r.maps, r.masks, max_pixels, seed=k)
+        known = getattr(r, "has_mask", None)
+        maps, masks = (r.maps, r.masks) if known is None else (r.maps[known], r.masks[known])
+        curve = pro_curve_for_plot(maps, masks, max_pixels, seed=k) if len(maps) else None
         if curve is None:
             notes.append(f"{r.name}: no PRO curve (no defect region or no normal pixel)")
             continue
@@ -467,9 +476,11 @@ def _examples_figure(r, picks: dict[str, list[int]], vrange, threshold_value, pa
                     ax.contour(xs + offset, ys, mask, levels=[0.5], colors=edge, linewidths=1)
             score = float(r.scores[i])
             defective = bool(np.asarray(r.labels)[i])
-            verdict = ""
+            known = getattr(r, "has_mask", None)
+            unmasked = known is not None and not bool(known[i])
+            verdict = " (no mask)" if unmasked else ""
             if threshold_value is not None:
-                verdict = "  flagged" if score >= threshold_value else "  passed"
+                verdict += "  flagged" if score >= threshold_value else "  passed"
             name = textwrap.shorten(_short_name(r.name, str(r.filenames[i])), 44, placeholder="…")
             ax.set_title(
                 f"{name}\n{'defective' if defective else 'good'}  score {score:.4g}{verdict}",
@@ -586,7 +597,9 @@ def _metrics_html(results, metrics: dict[str, float]) -> str:
     out.append(
         "<p class='sub'>All values in %, one decimal. The mean row is the unweighted mean over "
         "categories (each counts once), skipping undefined values. <i>n/a</i>: undefined (e.g. "
-        f"a category without defective test images); –: not computed. {legend}.</p>"
+        "a category without defective test images, or pixel metrics where no defective test "
+        "image has a mask: labels from folders only); –: not computed. "
+        f"{legend}.</p>"
     )
     return "\n".join(out)
 

@@ -4,6 +4,8 @@ import os
 import pathlib
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -12,6 +14,38 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 MAGNETIC_TILE = ROOT.parent / "shared" / "datasets" / "magnetic_tile"
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(what: str) -> None:
+    """An optional dependency (`what` says which and how to get it) is absent: skip locally,
+    fail in CI (CI=true), where every test must run."""
+    import pytest
+
+    if IN_CI:
+        pytest.fail(f"CI=true and {what}", pytrace=False)
+    pytest.skip(what, allow_module_level=True)
+
+
+def require_module(name: str, hint: str = ""):
+    """`import name`, or `missing(...)` when it is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"{name} is not installed{' (' + hint + ')' if hint else ''}")
+
+
+def require_magnetic_tile():
+    """The Magnetic Tile folder, or `missing(...)` when it is not beside the checkout."""
+    if not (MAGNETIC_TILE / "train" / "good").is_dir():
+        missing(
+            f"Magnetic Tile dataset not found at {MAGNETIC_TILE} (../shared/datasets/"
+            "magnetic_tile beside the checkout)"
+        )
+    return MAGNETIC_TILE
 
 
 def tiny_category(base, num_train=8, num_test_good=2, num_test_defect=1):
@@ -28,3 +62,27 @@ def tiny_category(base, num_train=8, num_test_good=2, num_test_defect=1):
         progress=False,
     )
     return base / "hex_nut"
+
+
+def _train_tiny_run(base):
+    """Train configs/tiny.py for one epoch on a generated category under `base`."""
+    from configs import tiny
+    from grad_jax import train
+
+    category = tiny_category(base / "data")
+    config = tiny.get_config()
+    config.data.dataset = "folder"
+    config.data.root = str(category)
+    config.data.data_dir = str(base / "tfds")
+    config.train.epochs = 1
+    workdir = base / "run"
+    train.train_and_evaluate(config, str(workdir))
+    return workdir, category
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`(run folder, category folder)`: a tiny trained run (configs/tiny.py, one epoch, a decision
+    threshold from one held-out image) and its generated MVTec-layout data, shared by the tests
+    of the service, its page and the inspection notebook."""
+    return _train_tiny_run(tmp_path_factory.mktemp("tiny_run"))

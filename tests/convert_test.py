@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import ROOT, require_module  # noqa: E402
+
+torch = require_module("torch", "pip install -e '.[test]'")
 
 from grad_jax import convert, workdir  # noqa: E402
 from grad_jax.evaluate import make_predict_fn  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
 
 CONFIG = textwrap.dedent(
     """
@@ -41,7 +42,7 @@ def run_cli(*args, cwd=ROOT):
 @pytest.fixture(scope="module")
 def torch_model(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("convert")
-    config_path = ROOT / "configs" / f"_test_convert_{os.getpid()}.py"
+    config_path = tmp / "convert_config.py"  # imports configs.tiny (the CLI runs in ROOT)
     config_path.write_text(CONFIG)
     backbone = ref.efficientnet("efficientnet-b0", 64)
     # C = 40 + 112: B0's blocks 4 and 10; features 8x8 at 64 px
@@ -51,8 +52,7 @@ def torch_model(tmp_path_factory):
         for name, p in head.named_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "query" in name else 0.2))
     model = ref.TorchGrad(backbone, [4, 10], [8, 16], 8, head).eval()
-    yield model, tmp, config_path
-    config_path.unlink()
+    return model, tmp, config_path
 
 
 def test_crad_checkpoint_becomes_a_run_folder(torch_model):
@@ -67,10 +67,9 @@ def test_crad_checkpoint_becomes_a_run_folder(torch_model):
     trained = workdir.load_trained(str(out))
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     got = make_predict_fn(trained.variables, trained.config)(images)["raw"]
-    from grad_jax.models.efficientnet import efficientnet_spec
-
-    mean, std = efficientnet_spec("efficientnet-b0").normalize
-    x = (images.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    mean = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet, as the lukemelas B0
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    x = (images.astype(np.float32) / 255.0 - mean) / std
     with torch.no_grad():
         want = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
     want = want["anomaly_map"].numpy()

@@ -1,6 +1,9 @@
 """Parity with PyTorch models built here from the method specification.
 
-Every comparison uses max |ours - theirs| <= 1e-4 * max |theirs|.
+Every comparison checks max |ours - theirs| <= rtol * max |theirs|, with rtol about ten times
+the error measured on XLA:CPU (float32; the README's fidelity table lists the measurements):
+backbones and whole models 6e-5 (largest measured: 5.7e-6, B4 block 21), the head, its
+gradients and BN statistics 1e-5 (largest: 9.1e-7), the neck 2e-6 (1.2e-7).
 """
 
 import jax
@@ -8,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_module  # noqa: E402
+
+torch = require_module("torch", "pip install -e '.[test]'")
 
 from grad_jax import convert  # noqa: E402
 from grad_jax.models.efficientnet import EfficientNet, efficientnet_spec  # noqa: E402
@@ -17,17 +22,19 @@ from grad_jax.models.model import GradModel, merge  # noqa: E402
 from grad_jax.models.neck import mfcn  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
-RTOL = 1e-4
+BACKBONE_RTOL = 6e-5
+HEAD_RTOL = 1e-5
+NECK_RTOL = 2e-6
 
 
-def assert_close(ours, theirs, what):
+def assert_close(ours, theirs, what, rtol=HEAD_RTOL):
     ours = np.asarray(ours, np.float64)
     theirs = theirs.detach().numpy().astype(np.float64) if hasattr(theirs, "detach") else theirs
     theirs = np.asarray(theirs, np.float64)
     assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
     scale = np.abs(theirs).max()
     err = np.abs(ours - theirs).max()
-    assert err <= RTOL * scale, f"{what}: max abs diff {err:.3g} > {RTOL} x {scale:.3g}"
+    assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol} x {scale:.3g}"
     return err / scale
 
 
@@ -40,8 +47,15 @@ def torch_state(module, prefix=""):
 
 
 def torch_input(images, backbone):
-    mean, std = efficientnet_spec(backbone).normalize
-    x = (images.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    """The original sources' input: ImageNet mean/std on [0, 1] RGB for the lukemelas B-series,
+    (x - 127) / 128 for EfficientNet-Lite (literal values, not grad_jax's constants)."""
+    x = images.astype(np.float32)
+    if "lite" in backbone:
+        x = (x - 127.0) / 128.0
+    else:
+        mean = np.array([0.485, 0.456, 0.406], np.float32)
+        std = np.array([0.229, 0.224, 0.225], np.float32)
+        x = (x / 255.0 - mean) / std
     return torch.from_numpy(np.ascontiguousarray(nchw(x)))
 
 
@@ -61,7 +75,7 @@ def test_b_series_backbone(name, size):
     with torch.no_grad():
         want = ref.block_outputs(theirs, torch_input(x, name), list(ours.out_blocks))
     for g, w, b in zip(got, want, ours.out_blocks, strict=True):
-        assert_close(nchw(g), w, f"{name} block {b}")
+        assert_close(nchw(g), w, f"{name} block {b}", BACKBONE_RTOL)
     if name == "efficientnet-b4":
         assert ours.out_blocks == (9, 21)
         assert efficientnet_spec(name).blocks[6].pad == ((2, 2), (2, 2))
@@ -96,7 +110,7 @@ def test_lite_real_weights(name, size, blocks, widths):
     assert ours.out_blocks == blocks
     assert [g.shape[-1] for g in got] == list(widths)
     for g, w in zip(got, want, strict=True):
-        assert_close(nchw(g), w, name)
+        assert_close(nchw(g), w, name, BACKBONE_RTOL)
 
 
 def test_neck_matches_upsampling_bilinear():
@@ -107,7 +121,7 @@ def test_neck_matches_upsampling_bilinear():
     want = ref.mfcn(
         [torch.from_numpy(nchw(f3).copy()), torch.from_numpy(nchw(f4).copy())], [8, 16], 8
     )
-    assert_close(nchw(got), want, "neck")
+    assert_close(nchw(got), want, "neck", NECK_RTOL)
 
 
 def _tiny_head(seed=0, **overrides):
@@ -162,14 +176,22 @@ def test_head_eval_mode():
 def test_head_train_mode_outputs_stats_and_gradients():
     from flax import nnx
 
-    ours, theirs = _tiny_head(seed=5)
+    from configs import default
+
+    # The head takes the jitter constants of the shipped config; the torch side uses the
+    # reference's (p = 0.5, std 0.05), with a key whose coin lands in [0.3, 0.5): it must jitter.
+    cfg = default.get_config().model
+    ours, theirs = _tiny_head(seed=5, noise_prob=cfg.noise_prob, noise_std=cfg.noise_std)
     x = np.random.default_rng(4).normal(size=(4, 6, 6, 12)).astype(np.float32) * 2
-    key = jax.random.key(7)
-    # The jitter the head draws from this key, reproduced for the torch side.
+    key = next(
+        k
+        for k in (jax.random.key(i) for i in range(100))
+        if 0.3 <= float(jax.random.uniform(jax.random.split(k)[0])) < 0.5
+    )
     coin_key, noise_key = jax.random.split(key)
-    jitter = bool(jax.random.uniform(coin_key) < 0.5)
+    assert float(jax.random.uniform(coin_key)) < 0.5  # the reference jitters this step
     noise = 0.05 * jax.random.normal(noise_key, (4, 6, 6, 2))
-    torch_noise = torch.from_numpy(nchw(noise).copy()) if jitter else None
+    torch_noise = torch.from_numpy(nchw(noise).copy())
 
     graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
 
@@ -179,6 +201,8 @@ def test_head_train_mode_outputs_stats_and_gradients():
         return feature_loss(out), (out, nnx.state(model, nnx.BatchStat))
 
     (loss, (out, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+    clean = ours.coordinates(jnp.asarray(x))[1]
+    assert np.abs(np.asarray(out.local_coord - clean)).max() > 0.01  # ours jittered too
     theirs.train()
     xt = torch.from_numpy(nchw(x).copy())
     want = theirs(xt, torch_noise)
@@ -256,8 +280,8 @@ def test_whole_model_end_to_end():
     got = ours(jnp.asarray(x))
     with torch.no_grad():
         want = theirs(torch_input(x, "efficientnet-b0"))
-    assert_close(nchw(got.feature_align), want["feature_align"], "features")
-    assert_close(got.anomaly_map, want["anomaly_map"], "anomaly map")
+    assert_close(nchw(got.feature_align), want["feature_align"], "features", BACKBONE_RTOL)
+    assert_close(got.anomaly_map, want["anomaly_map"], "anomaly map", BACKBONE_RTOL)
 
 
 def test_crad_checkpoint_file_converts(tmp_path):
@@ -272,7 +296,8 @@ def test_crad_checkpoint_file_converts(tmp_path):
     x = images(2, 64, seed=6)
     with torch.no_grad():
         want = theirs(torch_input(x, "efficientnet-b0"))
-    assert_close(ours(jnp.asarray(x)).anomaly_map, want["anomaly_map"], "converted checkpoint")
+    got = ours(jnp.asarray(x)).anomaly_map
+    assert_close(got, want["anomaly_map"], "converted checkpoint", BACKBONE_RTOL)
 
 
 def test_converter_names_mismatch(tmp_path):

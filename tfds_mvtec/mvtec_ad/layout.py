@@ -5,7 +5,13 @@ The layout (one folder per category)::
     <root>/train/good/<image>                      defect-free training images
     <root>/test/good/<image>                       defect-free test images
     <root>/test/<defect>/<stem>.<ext>              defective test images
-    <root>/ground_truth/<defect>/<stem>_mask.png   one mask per defective test image
+    <root>/ground_truth/<defect>/<stem>_mask.png   one mask per defective test image (optional)
+
+Masks are optional per defect folder: a test/<defect>/ folder without a ground_truth/<defect>/
+folder is accepted, and its images are known to be defective from the folder name alone
+(`Sample.has_mask` is then False: image-level metrics only). A ground_truth/<defect>/ folder
+that exists must hold a mask for every image of test/<defect>/ (a missing one is far more often a
+naming mistake than an intent).
 
 This module deliberately imports neither TensorFlow nor tensorflow-datasets (only pathlib,
 Pillow and numpy), so that the rest of grad_jax can validate a folder or decode its images
@@ -93,7 +99,11 @@ class BadImageError(DatasetLayoutError):
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """One image of a category, with where its mask lives (None for good images)."""
+    """One image of a category, with where its mask lives.
+
+    `mask_path` is None for good images (their mask is known: all zero) and for defective images
+    of a folder without masks (their mask is unknown, see `has_mask`).
+    """
 
     split: str
     defect_type: str
@@ -105,6 +115,11 @@ class Sample:
     def label(self) -> int:
         """0 for a defect-free image, 1 for a defective one."""
         return 0 if self.defect_type == GOOD else 1
+
+    @property
+    def has_mask(self) -> bool:
+        """True if the pixel ground truth is known: a good image, or a defect with a mask."""
+        return self.defect_type == GOOD or self.mask_path is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +136,11 @@ class CategoryLayout:
     def name(self) -> str:
         """The category name, i.e. the folder name."""
         return self.root.name
+
+    @property
+    def unmasked_defect_types(self) -> tuple[str, ...]:
+        """Defect folders without ground-truth masks (labelled by folder only), sorted."""
+        return tuple(sorted({s.defect_type for s in self.test if not s.has_mask}))
 
     @property
     def defect_types(self) -> tuple[str, ...]:
@@ -195,8 +215,8 @@ def _listing(paths: Iterable[str], total: int | None = None) -> str:
 def _layout_help(root: Path) -> str:
     return (
         f"Expected {root}/train/good/ (defect-free training images), {root}/test/good/ and "
-        f"{root}/test/<defect>/ (test images), and {root}/ground_truth/<defect>/<stem>_mask.png "
-        "(one mask per defective test image), as in MVTec AD."
+        f"{root}/test/<defect>/ (test images), and optionally {root}/ground_truth/<defect>/"
+        "<stem>_mask.png (one mask per defective test image), as in MVTec AD."
     )
 
 
@@ -240,8 +260,9 @@ def scan_category(root: str | os.PathLike) -> CategoryLayout:
 
     Raises:
         DatasetLayoutError: the folder is missing or empty, train/good is missing or empty,
-            test/ holds no image, a defect folder has no ground_truth/<defect>/ folder, or a
-            defective image has no mask. The message says which path and what to do.
+            test/ holds no image, or a ground_truth/<defect>/ folder lacks the mask of one of
+            the images of test/<defect>/. The message says which path and what to do. A defect
+            folder without any ground_truth/<defect>/ folder is accepted (labels only).
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -319,12 +340,9 @@ def scan_category(root: str | os.PathLike) -> CategoryLayout:
             continue
         mask_dir = gt_dir / defect
         if not mask_dir.is_dir():
-            raise DatasetLayoutError(
-                f"Defect folder {defect_dir} has no matching ground-truth folder {mask_dir}: "
-                f"create it with one mask per image, named <stem>_mask.png (for example "
-                f"{mask_dir / (images[0].stem + MASK_SUFFIX + '.png')}), or move the folder out "
-                "of test/ if these images are not defective."
-            )
+            # Image labels only: the folder says "defective", no pixel ground truth.
+            test += [Sample("test", defect, p, rel(p), None) for p in images]
+            continue
         masks = _index_masks(mask_dir)
         missing = [p for p in images if p.stem not in masks]
         if missing:
@@ -332,7 +350,8 @@ def scan_category(root: str | os.PathLike) -> CategoryLayout:
             raise DatasetLayoutError(
                 f"{len(missing)} defective image(s) in {defect_dir} have no mask: "
                 f"{_listing([p.name for p in missing])}. Add the masks (expected "
-                f"{_listing(expected)} under {root}), or delete those images."
+                f"{_listing(expected)} under {root}), or delete those images; to use folder "
+                f"labels only for this defect (image-level metrics), remove {mask_dir}."
             )
         for p in images:
             used_masks.add(masks[p.stem])
@@ -350,6 +369,14 @@ def scan_category(root: str | os.PathLike) -> CategoryLayout:
             for mask in _list_folder(mask_dir)[0]:
                 if mask not in used_masks:
                     unused_masks.append(rel(mask))
+    unmasked = sorted({s.defect_type for s in test if not s.has_mask})
+    if unmasked:
+        logger.info(
+            "%s: no ground_truth/ masks for %s: those images are labelled defective by their "
+            "folder; pixel-level metrics leave them out.",
+            root,
+            ", ".join(unmasked),
+        )
     if ignored:
         logger.warning(
             "Ignoring %d non-image file(s) in %s: %s", len(ignored), root, _listing(ignored)

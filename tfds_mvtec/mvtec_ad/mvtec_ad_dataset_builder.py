@@ -42,8 +42,11 @@ from .layout import BadImageError, DatasetLayoutError
 
 logger = logging.getLogger(__name__)
 
-VERSION = tfds.core.Version("1.0.0")
-RELEASE_NOTES = {"1.0.0": "Initial release: image, mask, label, category, defect_type, filename."}
+VERSION = tfds.core.Version("1.1.0")
+RELEASE_NOTES = {
+    "1.0.0": "Initial release: image, mask, label, category, defect_type, filename.",
+    "1.1.0": "has_mask: defect folders without ground_truth/ masks are accepted (labels only).",
+}
 LABEL_NAMES = ("good", "defective")
 FILE_FORMAT = "array_record"  # the only tfds format whose writer and reader need no TensorFlow
 
@@ -76,7 +79,9 @@ def features() -> tfds.features.FeaturesDict:
     as they are, anything else is converted to 8-bit RGB PNG while building. tfds' decoders
     (TF, OpenCV or Pillow) all expand grayscale to the declared 3 channels, so a decoded image is
     always HxWx3 uint8. `mask` is always a binary {0, 255} grayscale PNG, all zero for good
-    images, decoded as HxWx1 uint8.
+    images, decoded as HxWx1 uint8. `has_mask` says whether `mask` is ground truth: False for
+    defective images of a folder without masks (their stored mask is all zero and means
+    "unknown"; `label` = 1 from the folder is then the only ground truth).
     """
     return tfds.features.FeaturesDict(
         {
@@ -91,6 +96,11 @@ def features() -> tfds.features.FeaturesDict:
                 dtype=np.uint8,
                 encoding_format="png",
                 doc="Defect mask, 0 or 255, same height and width as image; zero for good images.",
+            ),
+            "has_mask": tfds.features.Scalar(
+                dtype=np.bool_,
+                doc="True if mask is ground truth (good images, defects with a mask file); "
+                "False for defects labelled by their folder only (mask all zero, unknown).",
             ),
             "label": tfds.features.ClassLabel(
                 names=list(LABEL_NAMES), doc="0 = good (defect-free), 1 = defective."
@@ -181,7 +191,7 @@ def _encode_sample(sample: layout.Sample, category: str) -> dict[str, Any]:
     image = layout.open_image(data, sample.path)
     width, height = image.size
     encoded = data if _keeps_original_bytes(image, data) else _png_bytes(layout.to_rgb8(image))
-    if sample.mask_path is None:
+    if sample.mask_path is None:  # good (known empty) or no mask file (unknown, has_mask False)
         mask_png = _empty_mask_png(width, height)
         mask_empty = False
     else:
@@ -198,6 +208,7 @@ def _encode_sample(sample: layout.Sample, category: str) -> dict[str, Any]:
     return {
         "image": encoded,
         "mask": mask_png,
+        "has_mask": sample.has_mask,
         "label": sample.label,
         "category": category,
         "defect_type": sample.defect_type,
@@ -360,6 +371,7 @@ class _LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "empty_masks": [],
                 "ignored_files": list(scanned.ignored),
                 "unused_masks": list(scanned.unused_masks),
+                "defects_without_masks": list(scanned.unmasked_defect_types),
             }
         )
         category = self._category_name(scanned)

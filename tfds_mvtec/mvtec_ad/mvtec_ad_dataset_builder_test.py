@@ -130,7 +130,15 @@ def test_registered_and_info(tmp_path: Path) -> None:
     info = builder.info
     assert info.name == "mvtec_ad"
     assert "MVTec AD" in info.description and "Bergmann" in info.citation
-    assert set(info.features) == {"image", "mask", "label", "category", "defect_type", "filename"}
+    assert set(info.features) == {
+        "image",
+        "mask",
+        "has_mask",
+        "label",
+        "category",
+        "defect_type",
+        "filename",
+    }
     assert info.features["image"].shape == (None, None, 3)
     assert info.features["mask"].shape == (None, None, 1)
     assert info.features["label"].names == ["good", "defective"]
@@ -181,6 +189,7 @@ def test_builds_like_tfds_testcase(config: str, tmp_path: Path) -> None:
             assert text(example["filename"]).startswith(f"{split}/{defect}/")
             assert example["label"] == (0 if defect == "good" else 1)
             assert mask.any() == (defect != "good")
+            assert bool(example["has_mask"]) is True
     assert not digests["train"] & digests["test"]
     # Reading back through tfds' registry, as grad_jax's loader does.
     source = tfds.data_source(f"mvtec_ad/{config}", data_dir=tmp_path, download=False)
@@ -341,16 +350,40 @@ def test_error_train_good_empty(tmp_path: Path) -> None:
     assert_layout_error(root, tmp_path, str(root / "train" / "good"), "holds no image")
 
 
-def test_error_defect_without_ground_truth_folder(tmp_path: Path) -> None:
+def test_defect_folder_without_ground_truth_is_labelled_by_its_folder(tmp_path: Path) -> None:
+    """A defect folder without ground_truth/<defect>/ is accepted: label 1, has_mask False;
+    the masked folder beside it keeps its masks (has_mask True)."""
     root = category(tmp_path)
-    make_dummy_data.save(np.zeros((32, 32, 3), np.uint8), root / "test" / "dent" / "000.png")
-    assert_layout_error(root, tmp_path, str(root / "ground_truth" / "dent"), "000_mask.png")
+    for i in range(2):
+        make_dummy_data.save(np.zeros((32, 32, 3), np.uint8), root / "test" / "dent" / f"{i}.png")
+    scanned = tfds_mvtec.scan_category(root)
+    assert scanned.unmasked_defect_types == ("dent",)
+    assert {s.relpath: s.has_mask for s in scanned.test if s.defect_type == "dent"} == {
+        "test/dent/0.png": False,
+        "test/dent/1.png": False,
+    }
+    builder = build(root, tmp_path)
+    assert builder.info.metadata["defects_without_masks"] == ["dent"]
+    examples = {text(e["filename"]): e for e in read_all(builder, "test")}
+    for name, example in examples.items():
+        defect = name.split("/")[1]
+        assert example["label"] == (0 if defect == "good" else 1)
+        assert bool(example["has_mask"]) == (defect != "dent")
+        assert example["mask"].any() == (defect == "crack")
+    # Every defect folder without masks (no ground_truth/ at all) works too.
+    bare = category(tmp_path / "bare")
+    for path in sorted((bare / "ground_truth").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    (bare / "ground_truth").rmdir()
+    examples = read_all(build(bare, tmp_path / "bare"), "test")
+    assert [bool(e["has_mask"]) for e in examples] == [e["label"] == 0 for e in examples]
 
 
 def test_error_defective_image_without_mask(tmp_path: Path) -> None:
     root = category(tmp_path)
     (root / "ground_truth" / "crack" / "001_mask.png").unlink()
     assert_layout_error(root, tmp_path, "001.png", "ground_truth/crack/001_mask.png")
+    assert_layout_error(root, tmp_path, "folder labels only")
 
 
 @pytest.mark.parametrize("skip", [False, True])

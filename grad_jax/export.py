@@ -1,0 +1,183 @@
+"""Export a trained run as one self-contained model folder: `python -m grad_jax.export`.
+
+    python -m grad_jax.export --workdir=runs/my_part --out=models/my_part
+
+writes `model.jaxexport` (the whole predict program as `jax.export` StableHLO, weights
+included, batch dimension symbolic, lowered for cpu, cuda and tpu) and `meta.json`; load it
+with `grad_jax.deploy.load_model`, which needs jax, numpy and Pillow only. The exported
+program is the one `Predictor` runs (`evaluate.predict_program`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from grad_jax import checkpointing, deploy, evaluate, images
+from grad_jax import workdir as wd
+
+
+def export_program(trained: wd.TrainedModel, platforms: Sequence[str] = deploy.PLATFORMS):
+    """The `jax.export.Exported` of the predict program of `trained`, batch dim symbolic."""
+    from jax import export
+
+    variables = trained.variables
+    program = evaluate.predict_program(variables, trained.config)
+    weights = jax.tree.map(
+        jnp.asarray, (variables.backbone, variables.params, variables.batch_stats)
+    )
+
+    def predict(images_uint8):
+        return program(*weights, images_uint8)
+
+    (n,) = export.symbolic_shape("n")
+    h, w = (int(x) for x in trained.config.data.image_size)
+    spec = jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8)
+    return export.export(jax.jit(predict), platforms=tuple(platforms))(spec)
+
+
+def build_meta(trained: wd.TrainedModel, exported: Any) -> dict[str, Any]:
+    """meta.json without the model file's digest (added once the file is written)."""
+    import jaxlib
+
+    config = trained.config
+    h, w = (int(x) for x in config.data.image_size)
+    meta = trained.meta
+    threshold = meta.get("threshold")
+    categories = meta.get("categories") or (
+        (meta.get("class_centres") or {}).get("names")
+        or sorted(((threshold or {}).get("per_category") or {}).keys())
+    )
+    return {
+        "format": deploy.FORMAT,
+        "format_version": deploy.FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "checkpoint_step": trained.step,
+        "input": {
+            "shape": ["n", h, w, 3],
+            "dtype": "uint8",
+            "image_size": [h, w],
+            "resize": images.RESIZE_RULE,
+            "normalisation": "inside the program (the backbone's own, on 0..255 RGB)",
+        },
+        "outputs": {
+            "raw": "[n, H, W] float32: the anomaly map (upsampled distance, before smoothing)",
+            "smoothed": f"[n, H, W] float32: raw after the {config.eval.smooth_size}x"
+            f"{config.eval.smooth_size} zero-padded box mean",
+            "score": f"[n] float32: max of the {config.eval.score_pool}x{config.eval.score_pool} "
+            "'valid' box mean of 'smoothed'",
+            "pooled": "[n, D] float32: backbone stage outputs averaged over positions",
+        },
+        "categories": list(categories),
+        "threshold": threshold,
+        "class_centres": meta.get("class_centres"),
+        "recognition": (
+            "nearest class centre of the pooled features"
+            if meta.get("class_centres")
+            else "unavailable: the run was trained before class centres were stored"
+        ),
+        "config_fingerprint": checkpointing.fingerprint(config),
+        "config": json.loads(config.to_json_best_effort()),
+        "platforms": list(exported.platforms),
+        "calling_convention_version": exported.calling_convention_version,
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "model_file": deploy.MODEL_FILE,
+    }
+
+
+def export_workdir(
+    workdir: str,
+    out: str,
+    step: int | None = None,
+    platforms: Sequence[str] = deploy.PLATFORMS,
+) -> dict[str, Any]:
+    """Export the run in `workdir` (its latest checkpoint, or `step`) into folder `out`.
+
+    Both files are written under temporary names and renamed, meta.json last, so a folder
+    that holds a meta.json is complete. Returns the meta.
+    """
+    trained = wd.load_trained(workdir, step=step)
+    exported = export_program(trained, platforms)
+    data = exported.serialize()
+    meta = build_meta(trained, exported)
+    os.makedirs(out, exist_ok=True)
+    model_path = os.path.join(out, deploy.MODEL_FILE)
+    meta_path = os.path.join(out, deploy.META_FILE)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # the folder is incomplete until the new meta.json lands
+    tmp = model_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, model_path)
+    meta["model_sha256"] = deploy.sha256_of(model_path)
+    meta["model_bytes"] = os.path.getsize(model_path)
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, meta_path)
+    return meta
+
+
+def main(argv: Sequence[str]) -> int:
+    from absl import flags
+
+    from grad_jax import cli
+
+    values = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Run folder of a trained model.", flag_values=values)
+    flags.DEFINE_string(
+        "out", None, "Folder for model.jaxexport and meta.json.", flag_values=values
+    )
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=values)
+    flags.DEFINE_list(
+        "platforms", list(deploy.PLATFORMS), "Platforms to lower for.", flag_values=values
+    )
+    try:
+        rest = values(list(argv))[1:]
+    except flags.Error as err:
+        print(f"grad_jax: error: {err}", file=sys.stderr)
+        return cli.EXIT_USER_ERROR
+    problems = []
+    if rest:
+        problems.append(f"unexpected arguments: {' '.join(rest)}")
+    if not values.workdir:
+        problems.append("--workdir is required (the run folder of a trained model)")
+    if not values.out:
+        problems.append("--out is required (the folder for the exported model)")
+    elif os.path.exists(values.out) and not os.path.isdir(values.out):
+        problems.append(f"--out={values.out} is a file, not a folder")
+    unknown = sorted(set(values.platforms) - {"cpu", "cuda", "rocm", "tpu"})
+    if unknown:
+        problems.append(f"--platforms: unknown {', '.join(unknown)} (cpu, cuda, rocm, tpu)")
+    if problems:
+        print(f"grad_jax: error: {'; '.join(problems)}", file=sys.stderr)
+        return cli.EXIT_USER_ERROR
+    cli.configure_logging()
+    try:
+        with cli.friendly_errors():
+            meta = export_workdir(values.workdir, values.out, values.step, values.platforms)
+    except SystemExit as err:  # a user error, already printed as one line
+        return int(err.code or 0)
+    size = meta["model_bytes"] / 2**20
+    print(
+        f"grad_jax: exported step {meta['checkpoint_step']} of {values.workdir} to {values.out} "
+        f"({deploy.MODEL_FILE} {size:.1f} MiB for {', '.join(meta['platforms'])}; "
+        f"classes: {', '.join(meta['categories']) or 'unknown'})"
+    )
+    return 0
+
+
+def run() -> None:
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()

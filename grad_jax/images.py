@@ -1,0 +1,140 @@
+"""Image conversion shared by training, `Predictor` and the exported model (numpy + Pillow only).
+
+Any supported image becomes `[H, W, 3]` uint8 exactly as the data loader converts files
+(`tfds_mvtec` layout rules: 16-bit scaled, grayscale replicated, alpha dropped, palettes
+expanded), then is resized to the model input size with Pillow bilinear (antialiased when
+shrinking, as the reference's torchvision Resize on PIL images).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tfds_mvtec.mvtec_ad import layout
+
+#: How images are brought to the model input size (written into an exported model's meta).
+RESIZE_RULE = (
+    "to_rgb8 (16-bit scaled to 8 bits, grayscale replicated, alpha dropped, palettes expanded), "
+    "then Pillow bilinear resize to (H, W) ignoring the aspect ratio (antialiased when shrinking)"
+)
+_FLOAT_TOLERANCE = 1e-6  # float images may overshoot [0, 1] by this much (rounding)
+
+
+def to_rgb8(image: Any, name: str = "<image>") -> np.ndarray:
+    """Any supported image -> `[H, W, 3]` uint8 at its own size, as the data loader converts.
+
+    Accepts a Pillow image, or an array `HxW`, `HxWx1`, `HxWx3` or `HxWx4` (RGBA; alpha is
+    dropped) of dtype uint8, uint16 (scaled to 8 bits as 16-bit files are) or float in [0, 1].
+    Raises ValueError (BadImageError for Pillow images of an unsupported mode).
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(layout.to_rgb8(image, name))
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"{name}: shape {array.shape} is not an image; expected HxW, HxWx1, HxWx3 or HxWx4"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name}: the image is empty (shape {array.shape})")
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        if array.ndim == 3:
+            # Pillow reads 16-bit colour files as their high byte; do the same for arrays.
+            array = (array >> 8).astype(np.uint8)
+        # HxW uint16 becomes a Pillow I;16 image, which layout.to_rgb8 scales to 8 bits.
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name}: the float image holds NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+            raise ValueError(
+                f"{name}: float images must lie in [0, 1], this one spans [{low:.4g}, {high:.4g}]"
+            )
+        array = np.rint(np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        raise ValueError(f"{name}: dtype {array.dtype} is not supported (uint8, uint16 or float)")
+    return np.asarray(layout.to_rgb8(Image.fromarray(np.ascontiguousarray(array)), name))
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as `[H, W, 3]` uint8 at its own size; BadImageError if it cannot be read."""
+    image = layout.open_image(layout.read_bytes(path), path)
+    try:
+        return np.asarray(layout.to_rgb8(image, path))
+    except (ValueError, OSError) as err:
+        if isinstance(err, layout.BadImageError):
+            raise
+        raise layout.BadImageError(path, f"cannot convert to RGB ({err})") from err
+
+
+def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """HxWx3 uint8 -> size (h, w) with Pillow bilinear (antialiased when shrinking)."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def prepare(image: Any, size: Sequence[int], name: str = "<image>") -> np.ndarray:
+    """One image (see `to_rgb8`) -> `[h, w, 3]` uint8 at the model input size `size`."""
+    return resize_image(to_rgb8(image, name), size)
+
+
+def check_sequence(images: Any) -> None:
+    """Refuse a single `[H, W, C]` array passed where a sequence of images is expected."""
+    if isinstance(images, np.ndarray) and images.ndim < 4:
+        raise ValueError(
+            f"predict() takes a sequence of images; got one array of shape {images.shape} "
+            "(wrap a single image in a list)"
+        )
+
+
+def in_batches(
+    images: Sequence[Any],
+    categories: Sequence[str | None] | str | None,
+    batch_size: int,
+    prepare: Callable[[Any, str], np.ndarray],
+    predict_prepared: Callable[[list[np.ndarray], Any], list[Any]],
+) -> list[Any]:
+    """Score `images` (any size and mode) in chunks of `batch_size`: each image goes through
+    `prepare(image, name)`, each chunk through `predict_prepared(chunk, its categories)`.
+
+    `categories`: one class for all images (a string), one per image, or None.
+    """
+    check_sequence(images)
+    images = list(images)
+    if categories is not None and not isinstance(categories, str):
+        categories = list(categories)
+        if len(categories) != len(images):
+            raise ValueError(f"{len(categories)} categories given for {len(images)} images")
+    out: list[Any] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        batch = [prepare(x, f"image {start + i}") for i, x in enumerate(chunk)]
+        cats = categories
+        if isinstance(categories, list):
+            cats = categories[start : start + len(chunk)]
+        out += predict_prepared(batch, cats)
+    return out
+
+
+def stack_prepared(batch: Sequence[np.ndarray], size: Sequence[int], rows: int) -> np.ndarray:
+    """`rows` x `[h, w, 3]` uint8: the prepared images of `batch` (at most `rows` of them, each
+    exactly `size`), zero-padded at the end so that one compiled program serves every batch."""
+    h, w = size
+    x = np.zeros((rows, h, w, 3), np.uint8)
+    for i, image in enumerate(batch):
+        if image.shape != (h, w, 3) or image.dtype != np.uint8:
+            raise ValueError(
+                f"prepared image {i}: {image.shape} {image.dtype}, expected ({h}, {w}, 3) uint8"
+            )
+        x[i] = image
+    return x

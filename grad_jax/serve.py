@@ -1,0 +1,129 @@
+"""`python -m grad_jax.serve`: the inspection service and its web page.
+
+Usage::
+
+    python -m grad_jax.serve --model=MODEL_DIR  [--host=127.0.0.1 --port=8000]
+    python -m grad_jax.serve --workdir=RUN_DIR  [--host=127.0.0.1 --port=8000]
+
+--model serves an exported model (`python -m grad_jax.export`), --workdir a training run folder.
+Open http://HOST:PORT/ for the page; the API is described in `grad_jax.service`. The server
+binds the loopback address by default: pass --host=0.0.0.0 to serve other machines (it has no
+authentication; put it behind your own proxy for that).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from grad_jax import uploads
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def _define_flags():
+    from absl import flags
+
+    v = flags.FlagValues()
+    flags.DEFINE_string("model", None, "Exported model folder (grad_jax.export).", flag_values=v)
+    flags.DEFINE_string("workdir", None, "Training run folder (instead of --model).", flag_values=v)
+    flags.DEFINE_integer(
+        "step", None, "Checkpoint step of --workdir (default: latest).", flag_values=v
+    )
+    flags.DEFINE_string("host", "127.0.0.1", "Address to bind.", flag_values=v)
+    flags.DEFINE_integer("port", 8000, "Port to bind (0: any free port).", flag_values=v)
+    flags.DEFINE_integer("batch_size", 8, "Images per device call.", flag_values=v)
+    flags.DEFINE_float(
+        "max_wait_ms", 10.0, "Longest wait for a batch to fill, in ms.", flag_values=v
+    )
+    flags.DEFINE_integer(
+        "max_queue", None, "Images that may wait (default: 4 batches); more get 503.", flag_values=v
+    )
+    limits = uploads.Limits()
+    flags.DEFINE_integer("max_files", limits.max_files, "Images per request.", flag_values=v)
+    flags.DEFINE_integer(
+        "max_file_bytes", limits.max_file_bytes, "Encoded size of one image.", flag_values=v
+    )
+    flags.DEFINE_integer(
+        "max_pixels", limits.max_pixels, "Width x height of one image.", flag_values=v
+    )
+    flags.DEFINE_integer(
+        "overlay_side", limits.overlay_side, "Longer side of overlay PNGs.", flag_values=v
+    )
+    return v
+
+
+def main(argv: Sequence[str]) -> int:
+    """The command line (`argv[0]` is the program name); returns the exit status."""
+    from absl import flags
+
+    values = _define_flags()
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(
+            (__doc__ or "").strip() + "\n\nflags:\n" + values.get_help(include_special_flags=False)
+        )
+        return EXIT_OK
+
+    def usage_error(message: str) -> int:
+        print(f"grad_jax: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        extra = values(list(argv))[1:]
+    except flags.Error as err:
+        return usage_error(str(err))
+    if extra:
+        return usage_error(f"unexpected arguments: {' '.join(extra)}")
+    if (values.model is None) == (values.workdir is None):
+        return usage_error("give exactly one of --model=MODEL_DIR and --workdir=RUN_DIR")
+    if values.batch_size < 1:
+        return usage_error(f"--batch_size must be at least 1, got {values.batch_size}")
+    try:
+        limits = uploads.Limits(
+            max_file_bytes=values.max_file_bytes,
+            max_files=values.max_files,
+            max_pixels=values.max_pixels,
+            overlay_side=values.overlay_side,
+        )
+    except ValueError as err:
+        return usage_error(f"--{err}")
+
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401 - python-multipart, for the uploads
+        import uvicorn
+    except ImportError as err:
+        return usage_error(
+            f"the service needs FastAPI, uvicorn and python-multipart ({err}): "
+            'pip install -e ".[serve]"'
+        )
+
+    from grad_jax import checkpointing, cli, served_model, service
+
+    cli.configure_logging()
+    with cli.friendly_errors():
+        try:
+            model = served_model.load_model(
+                values.model, values.workdir, batch_size=values.batch_size, step=values.step
+            )
+            app = service.create_app(
+                model, limits, max_wait_ms=values.max_wait_ms, max_queue=values.max_queue
+            )
+        except (
+            served_model.ModelUnavailable,
+            FileNotFoundError,
+            ValueError,
+            checkpointing.CheckpointMismatchError,
+        ) as err:
+            return usage_error(str(err))
+        uvicorn.run(app, host=values.host, port=values.port, log_level="info")
+    return EXIT_OK
+
+
+def run() -> None:
+    """Console-script entry point (`grad-jax-serve`)."""
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()

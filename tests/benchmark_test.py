@@ -1,0 +1,21 @@
+"""grad_jax.benchmark's batch-1 latency part runs both paths and names the CPU."""
+
+from grad_jax import benchmark
+
+
+def test_latency_part_reports_both_paths_and_the_cpu():
+    from configs import tiny
+
+    result = benchmark.run_benchmark(tiny.get_config(), 2, 1, False, ["latency"], 2)
+    latency = result["latency_batch1"]
+    for name in ("predictor", "exported"):
+        assert latency[name]["samples"] == 4  # 2 images x 2 passes
+        assert 0 < latency[name]["p50_ms"] <= latency[name]["p95_ms"]
+    assert result["cpu_model"] and isinstance(result["cpu_vector_extensions"], list)
+
+
+def test_sample_files_decode_to_mvtec_like_sizes():
+    for data in benchmark.sample_files(2):
+        image = benchmark.decode(data)
+        assert image.dtype.name == "uint8" and image.shape[2] == 3
+        assert 600 <= min(image.shape[:2]) and max(image.shape[:2]) <= 1000
