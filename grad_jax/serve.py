@@ -90,7 +90,7 @@ def main(argv: Sequence[str]) -> int:
 
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401 - python-multipart, for the uploads
+        import python_multipart  # noqa: F401 - for the uploads
         import uvicorn
     except ImportError as err:
         return usage_error(
