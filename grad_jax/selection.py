@@ -44,7 +44,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
@@ -196,12 +195,7 @@ def probe(
     steps_per_epoch = len(range(0, len(input_pipeline.epoch_order(n, 0, 0, batch, devices)), batch))
     variables = wd.ModelVariables.from_model(wd.create_model(cfg))
     tx, schedules = make_optimizer(cfg.train, steps_per_epoch, variables.params)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": variables.params,
-        "batch_stats": variables.batch_stats,
-        "opt_state": tx.init(variables.params),
-    }
+    state = train.initial_state(variables, tx)
     mesh = sharding.make_mesh()
     state = sharding.replicate(state, mesh)
     backbone = sharding.replicate(variables.backbone, mesh)

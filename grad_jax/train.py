@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from tqdm import auto as tqdm
 
@@ -314,6 +315,16 @@ def validate_config(config, *, training: bool = True) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def initial_state(variables: wd.ModelVariables, tx: optax.GradientTransformation) -> dict:
+    """The train state at step 0: {step, params, batch_stats, opt_state}."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": variables.params,
+        "batch_stats": variables.batch_stats,
+        "opt_state": tx.init(variables.params),
+    }
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, extra_info: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -362,12 +373,7 @@ def train_and_evaluate(
     variables = wd.ModelVariables.from_model(model)
     del model
     tx, schedules = make_optimizer(config.train, steps_per_epoch, variables.params)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": variables.params,
-        "batch_stats": variables.batch_stats,
-        "opt_state": tx.init(variables.params),
-    }
+    state = initial_state(variables, tx)
     meta: dict[str, Any] = {}
     start_step = 0
     if resuming:
