@@ -22,6 +22,7 @@ from tqdm import auto as tqdm
 
 from grad_jax import input_pipeline, metrics, scoring, sharding
 from grad_jax.models.model import pool_features
+from grad_jax.precision import with_precision
 from grad_jax.workdir import ModelVariables
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,6 @@ def make_predict_fn(
 
     The batch is padded to a multiple of the device count and split over the devices.
     """
-    from grad_jax.precision import with_precision
-
     mesh = mesh or sharding.make_mesh()
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     predict = predict_program(variables, config)

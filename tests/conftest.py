@@ -86,3 +86,16 @@ def tiny_run(tmp_path_factory):
     threshold from one held-out image) and its generated MVTec-layout data, shared by the tests
     of the service, its page and the inspection notebook."""
     return _train_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+
+
+def assert_clean_notebook(nb) -> None:
+    """A valid python3 notebook committed without outputs, execution counts or attachments."""
+    import nbformat
+
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"cell {i} has stored outputs"
+            assert cell.execution_count is None, f"cell {i} has an execution count"
+        assert "attachments" not in cell, f"cell {i} has attachments"

@@ -13,7 +13,7 @@ import time
 import nbformat
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_clean_notebook
 
 NOTEBOOK = ROOT / "notebooks" / "colab_tpu.ipynb"
 CELL_TIMEOUT_S = 300
@@ -29,13 +29,7 @@ def code_of(nb) -> str:
 
 def test_notebook_is_valid_and_clean():
     nb = read_notebook()
-    nbformat.validate(nb)
-    assert nb.metadata.kernelspec.name == "python3"
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "code":
-            assert cell.outputs == [], f"cell {i} has stored outputs"
-            assert cell.execution_count is None, f"cell {i} has an execution count"
-        assert "attachments" not in cell, f"cell {i} has attachments"
+    assert_clean_notebook(nb)
 
 
 def test_parameters_cell():
