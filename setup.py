@@ -59,9 +59,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(
-        include=["grad_jax", "grad_jax.*", "tfds_mvtec", "tfds_mvtec.*", "configs"]
-    ),
+    packages=find_packages(include=["grad_jax", "grad_jax.*", "tfds_mvtec", "tfds_mvtec.*"]),
     package_data={
         "grad_jax": ["serve_page.html"],
         "tfds_mvtec": [

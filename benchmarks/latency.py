@@ -36,6 +36,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from grad_jax import run_folder
+from grad_jax.models.model import ModelVariables
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -83,7 +86,7 @@ def main(argv) -> int:
     import torch
     from PIL import Image
 
-    from grad_jax import deploy, predict, workdir
+    from grad_jax import deploy, predict
     from grad_jax.benchmark import cpu_info, decode, export_untrained, sample_files, summarise_ms
 
     threads = int(os.environ.get("GRAD_JAX_BENCH_THREADS", os.cpu_count() or 1))
@@ -93,7 +96,7 @@ def main(argv) -> int:
     h, w = config.data.image_size
     files = sample_files(FLAGS.images)
 
-    variables = workdir.ModelVariables.from_model(workdir.create_model(config))
+    variables = ModelVariables.from_model(run_folder.create_model(config))
     predictor = predict.Predictor(variables, config, batch_size=1)
     tmp = tempfile.mkdtemp()
     exported = deploy.load_model(export_untrained(variables, config, tmp), batch_size=1)

@@ -26,6 +26,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from grad_jax import feature_cache, inference, run_folder
+from grad_jax.models.model import ModelVariables
+from grad_jax.train_state import TrainState
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -64,10 +68,9 @@ def build_torch(config, torch):
 def main(argv) -> int:
     del argv
     import jax
-    import jax.numpy as jnp
     import torch
 
-    from grad_jax import evaluate, sharding, train, workdir
+    from grad_jax import sharding, train
     from grad_jax.benchmark import cpu_info, time_call
     from grad_jax.optim import make_optimizer
 
@@ -81,21 +84,13 @@ def main(argv) -> int:
     images = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
 
     # --- grad_jax
-    variables = workdir.ModelVariables.from_model(workdir.create_model(config))
+    variables = ModelVariables.from_model(run_folder.create_model(config))
     mesh = sharding.make_mesh()
-    predict = evaluate.make_predict_fn(variables, config, mesh)
+    predict = inference.make_predict_fn(variables, config, mesh)
     tx, _ = make_optimizer(config.train, 100, variables.params)
-    state = sharding.replicate(
-        {
-            "step": jnp.zeros((), jnp.int32),
-            "params": variables.params,
-            "batch_stats": variables.batch_stats,
-            "opt_state": tx.init(variables.params),
-        },
-        mesh,
-    )
+    state = sharding.replicate(TrainState.create(variables.params, variables.batch_stats, tx), mesh)
     backbone = sharding.replicate(variables.backbone, mesh)
-    shapes = train.feature_shapes(variables, config)
+    shapes = feature_cache.feature_shapes(variables, config)
     feats = {f"feature_{i}": rng.random((b,) + s, np.float32) for i, s in enumerate(shapes)}
     jax_steps = {
         "train": (train.make_train_step(variables, tx, mesh, False, 0), {"image": images}),

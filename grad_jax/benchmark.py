@@ -30,6 +30,24 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from grad_jax import (
+    cli,
+    deploy,
+    export,
+    feature_cache,
+    images,
+    inference,
+    run_folder,
+    sharding,
+    train,
+)
+from grad_jax.config import tiling_on
+from grad_jax.models.model import ModelVariables
+from grad_jax.optim import make_optimizer
+from grad_jax.predictor import Predictor
+from grad_jax.run_folder import TrainedModel
+from grad_jax.train_state import TrainState
+
 FLAGS = flags.FLAGS
 
 
@@ -109,7 +127,6 @@ def sample_files(n: int, seed: int = 0) -> list[bytes]:
 
 def decode(data: bytes) -> np.ndarray:
     """Encoded image bytes -> `[H, W, 3]` uint8, as grad_jax reads files."""
-    from grad_jax import images
     from tfds_mvtec.mvtec_ad import layout
 
     return images.to_rgb8(layout.open_image(data, "<bytes>"))
@@ -127,12 +144,7 @@ def summarise_ms(times: Sequence[float]) -> dict[str, float]:
 
 def export_untrained(variables, config, out: str) -> str:
     """Export `variables` (e.g. random weights) as `grad_jax.export` would a run; returns `out`."""
-    import json
-
-    from grad_jax import deploy, export
-    from grad_jax import workdir as wd
-
-    trained = wd.TrainedModel(config, variables, 0, {})
+    trained = TrainedModel(config, variables, 0, {})
     exported = export.export_program(trained, ("cpu",))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, deploy.MODEL_FILE)
@@ -159,18 +171,15 @@ def _peak_memory() -> dict[str, float]:
 def run_benchmark(
     config, batch: int, steps: int, pretrained: bool, parts, latency_images: int = 40
 ) -> dict:
-    from grad_jax import evaluate, input_pipeline, sharding, train, workdir
-    from grad_jax.optim import make_optimizer
-
     config = config.copy_and_resolve_references()
-    if input_pipeline.tiling_on(config):  # the model sees tiles
+    if tiling_on(config):  # the model sees tiles
         with config.ignore_type():
             config.data.image_size = (config.data.tile.size, config.data.tile.size)
     config.model.random_backbone = not pretrained
     config.eval.batch_size = batch
     sharding.check_batch_size(batch, "--batch")
-    model = workdir.create_model(config)
-    variables = workdir.ModelVariables.from_model(model)
+    model = run_folder.create_model(config)
+    variables = ModelVariables.from_model(model)
     del model
     mesh = sharding.make_mesh()
     h, w = config.data.image_size
@@ -191,10 +200,8 @@ def run_benchmark(
     }
 
     if "latency" in parts:
-        from grad_jax import deploy, predict
-
         files = sample_files(latency_images)
-        predictor = predict.Predictor(variables, config, batch_size=1)
+        predictor = Predictor(variables, config, batch_size=1)
         with tempfile.TemporaryDirectory() as tmp:
             exported = deploy.load_model(export_untrained(variables, config, tmp), batch_size=1)
         cases = {"predictor": predictor, "exported": exported}
@@ -213,7 +220,7 @@ def run_benchmark(
         }
 
     if "infer" in parts:
-        predict = evaluate.make_predict_fn(variables, config, mesh)
+        predict = inference.make_predict_fn(variables, config, mesh)
         seconds = time_call(lambda: predict(images), steps)
         result["infer_images_per_s"] = batch / seconds
 
@@ -235,12 +242,7 @@ def run_benchmark(
     tx, _ = make_optimizer(config.train, 100, variables.params)
 
     def fresh_state():
-        state = {
-            "step": jnp.zeros((), jnp.int32),
-            "params": variables.params,
-            "batch_stats": variables.batch_stats,
-            "opt_state": tx.init(variables.params),
-        }
+        state = TrainState.create(variables.params, variables.batch_stats, tx)
         return sharding.replicate(state, mesh)
 
     backbone = sharding.replicate(variables.backbone, mesh)
@@ -251,7 +253,7 @@ def run_benchmark(
             variables, tx, mesh, cached, config.seed, config.model.precision
         )
         if cached:
-            shapes = train.feature_shapes(variables, config)
+            shapes = feature_cache.feature_shapes(variables, config)
             local = {
                 f"feature_{i}": rng.random((batch,) + s, np.float32) for i, s in enumerate(shapes)
             }
@@ -276,8 +278,6 @@ def run_benchmark(
 
 def main(argv) -> int:
     del argv
-    from grad_jax import cli
-
     cli.configure_logging()
     with cli.friendly_errors():
         result = run_benchmark(

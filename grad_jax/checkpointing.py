@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a grad_jax run: the only module that knows Orbax.
+"""Orbax checkpoints of a grad_jax run: the only module that knows Orbax and the item layout.
 
 A checkpoint (`<workdir>/checkpoints/<step>/`) holds four items:
 - `model`: trainable params and BN statistics (flat string-keyed dicts);
@@ -23,6 +23,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from grad_jax.errors import CheckpointMismatchError, RunFolderError
+from grad_jax.models.model import ModelVariables
+from grad_jax.train_state import TrainState
+
 log = logging.getLogger(__name__)
 
 # Config fields that decide a variable's shape or meaning; a checkpoint must agree on all.
@@ -44,8 +48,13 @@ RESUME_FIELDS = ("seed", "train.batch_size", "train.epochs")
 ITEMS = ("model", "train", "backbone")
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint was written by a run with another model configuration."""
+def _items(state: TrainState, backbone: Any) -> dict[str, Any]:
+    """The on-disk items of a training state and its frozen backbone."""
+    return {
+        "model": {"params": state.params, "batch_stats": state.batch_stats},
+        "train": {"step": state.step, "opt_state": state.opt_state},
+        "backbone": backbone,
+    }
 
 
 def fingerprint(
@@ -119,8 +128,18 @@ class Checkpoints:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def save(self, step: int, items: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Save `items` (a dict over ITEMS of pytrees) and `meta` as checkpoint `step`."""
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        backbone: Any,
+        config: ml_collections.ConfigDict,
+        meta: dict[str, Any],
+    ) -> None:
+        """Save `state`, the `backbone` variables and `meta` (plus the model fingerprint of
+        `config`) as checkpoint `step`."""
+        meta = {"fingerprint": fingerprint(config), **meta}
+        items = _items(state, backbone)
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         self.manager.save(
             step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True
@@ -134,7 +153,39 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
-    def restore(
+    def restore_training(
+        self, state: TrainState, backbone: Any, config: ml_collections.ConfigDict
+    ) -> tuple[int, TrainState, Any, dict[str, Any]]:
+        """(step, state, backbone, meta) of the newest readable checkpoint; `state` and
+        `backbone` give the structure (concrete or abstract arrays, with shardings)."""
+        step, items, meta = self._restore(_items(state, backbone), config)
+        model, train = items["model"], items["train"]
+        restored = TrainState(
+            train["step"], model["params"], model["batch_stats"], train["opt_state"]
+        )
+        return step, restored, items["backbone"], meta
+
+    def restore_model(
+        self,
+        variables: ModelVariables,
+        config: ml_collections.ConfigDict,
+        step: int | None = None,
+    ) -> tuple[int, ModelVariables, dict[str, Any]]:
+        """(step, variables, meta) for inference: the trained params, BN statistics and backbone
+        of checkpoint `step` (default: the newest readable one) in `variables`' structure."""
+        templates = {
+            "model": {"params": variables.params, "batch_stats": variables.batch_stats},
+            "backbone": variables.backbone,
+        }
+        step, items, meta = self._restore(templates, config, step)
+        restored = variables.replace(
+            backbone=items["backbone"],
+            params=items["model"]["params"],
+            batch_stats=items["model"]["batch_stats"],
+        )
+        return step, restored, meta
+
+    def _restore(
         self,
         templates: dict[str, Any],
         config: ml_collections.ConfigDict,
@@ -147,7 +198,7 @@ class Checkpoints:
         """
         steps = [step] if step is not None else self.steps()[::-1]
         if not steps:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise RunFolderError(f"no checkpoint in {self.directory}")
         abstract = {
             name: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
             for name, tree in templates.items()

@@ -7,14 +7,18 @@ import contextlib
 import logging
 import sys
 
+from absl import flags
+from absl import logging as absl_logging
+
+from grad_jax.config import load_config_file, resolve_config_path
+from grad_jax.errors import UserError
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
 def configure_logging(verbose: bool = False) -> None:
     """grad_jax's own messages at INFO; Orbax, TFDS and absl chatter only from WARNING up."""
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.DEBUG if verbose else absl_logging.WARNING)
     root = logging.getLogger()
     if not root.handlers:
@@ -24,43 +28,20 @@ def configure_logging(verbose: bool = False) -> None:
     logging.getLogger("tfds_mvtec").setLevel(logging.INFO)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from grad_jax import checkpointing, convert, input_pipeline, torch_pickle
-
-    errors: list[type[BaseException]] = [
-        input_pipeline.DataNotFoundError,
-        convert.ConversionError,
-        checkpointing.CheckpointMismatchError,
-        torch_pickle.TorchFileError,
-        FileNotFoundError,
-    ]
-    try:
-        import tfds_mvtec
-
-        errors.append(tfds_mvtec.DatasetLayoutError)
-    except ImportError:  # pragma: no cover
-        pass
-    from grad_jax import synthetic_validation, train
-
-    errors += [train.NonFiniteLossError, train.ConfigError, synthetic_validation.SelectionError]
-    return tuple(errors)
-
-
 @contextlib.contextmanager
 def friendly_errors():
-    """Known, user-fixable errors exit with status 2 and their message; Ctrl-C with 130."""
+    """User-fixable errors (`grad_jax.errors.UserError`) exit with status 2 and their message;
+    Ctrl-C (and a training run stopped by a signal) with 130."""
     try:
         yield
     except KeyboardInterrupt as err:
         msg = str(err) or "interrupted"
         print(f"grad_jax: {msg}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as err:
-        if isinstance(err, _user_errors()):
-            logging.debug("details", exc_info=True)
-            print(f"grad_jax: error: {err}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
-        raise
+    except UserError as err:
+        logging.debug("details", exc_info=True)
+        print(f"grad_jax: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -69,8 +50,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     ml_collections reports an unknown `--config.a.b` key as a bare AttributeError traceback;
     this names the key, its section's valid keys, and exits with status 2.
     """
-    from absl import flags
-
+    argv = [_resolved(a) for a in argv]
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
@@ -98,8 +78,6 @@ def _valid_keys_hint(argv: list[str], key: str) -> str:
     if not spec:
         return ""
     try:
-        from grad_jax.convert import load_config_file
-
         node = load_config_file(spec)
         parts = key.split(".")
         for part in parts[:-1]:
@@ -108,3 +86,10 @@ def _valid_keys_hint(argv: list[str], key: str) -> str:
         return f"Valid keys in {section}: {', '.join(sorted(node.keys()))}."
     except Exception:  # noqa: BLE001 - the hint is best effort
         return ""
+
+
+def _resolved(arg: str) -> str:
+    """`--config=configs/x.py` names the shipped config when no such file is here."""
+    if arg.startswith("--config="):
+        return "--config=" + resolve_config_path(arg[len("--config=") :])
+    return arg

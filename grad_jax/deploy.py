@@ -35,16 +35,13 @@ import numpy as np
 
 from grad_jax import images as image_lib
 from grad_jax.decisions import Decisions, Prediction
+from grad_jax.errors import ModelFileError
 
 MODEL_FILE = "model.jaxexport"
 META_FILE = "meta.json"
 FORMAT = "grad_jax.exported_model"
 FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda", "tpu")
-
-
-class ModelFileError(ValueError):
-    """An exported model folder that cannot be used; the message says why and what to do."""
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -1,14 +1,12 @@
-"""The jitted predict function, the evaluation loop, and metrics.json.
+"""Evaluation: score every test image (`grad_jax.inference`), then metrics.json and the report.
 
-Prediction runs backbone, neck, head, anomaly map, the 21x21 smoothing and the image score in one
-XLA program; only the results come back to the host, where `metrics` computes AUROC, AUPRO, AP
-and F1-max per category.
+Only the predict program's results come back to the host, where `metrics` computes AUROC, AUPRO,
+AP and F1-max per category.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -17,153 +15,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import auto as tqdm
 
-from grad_jax import input_pipeline, metrics, scoring, sharding
-from grad_jax.models.model import pool_features
-from grad_jax.precision import with_precision
-from grad_jax.workdir import ModelVariables
+from grad_jax import inference, input_pipeline, metrics, run_folder, sharding
+from grad_jax.config import AUTO_SIZE, tiling_on, validate_config
+from grad_jax.decisions import nearest_centre
+from grad_jax.files import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-def predict_program(
-    variables: ModelVariables, config: ml_collections.ConfigDict
-) -> Callable[..., dict[str, jax.Array]]:
-    """The traced predict computation, shared by `make_predict_fn` and `grad_jax.export`:
-    (backbone, params, batch_stats, images `[B, H, W, 3]` uint8) -> {'raw', 'smoothed':
-    `[B, H, W]` float32, 'score': `[B]`, 'pooled': `[B, D]`}.
-
-    'raw' is the anomaly map as the model outputs it (upsampled distance, no smoothing);
-    'smoothed' the map the score is computed from; 'pooled' the backbone's stage outputs
-    averaged over positions (class recognition). The input normalisation is inside.
-    """
-    size, pool = config.eval.smooth_size, config.eval.score_pool
-
-    def predict(backbone, params, stats, images):
-        model = variables.merge(backbone, params, stats)
-        features = model.extract(images)
-        out = model.from_features(features, train=False)
-        smoothed = scoring.smooth(out.anomaly_map, size)
-        return {
-            "raw": out.anomaly_map.astype(jax.numpy.float32),
-            "smoothed": smoothed,
-            "score": scoring.image_scores(smoothed, pool),
-            "pooled": pool_features(features),
-        }
-
-    return predict
-
-
-def make_predict_fn(
-    variables: ModelVariables, config: ml_collections.ConfigDict, mesh=None
-) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """images `[B, H, W, 3]` uint8 (host) -> the outputs of `predict_program` as numpy arrays.
-
-    The batch is padded to a multiple of the device count and split over the devices.
-    """
-    mesh = mesh or sharding.make_mesh()
-    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    predict = predict_program(variables, config)
-    jitted = with_precision(
-        jax.jit(predict, in_shardings=(rep, rep, rep, data), out_shardings=data),
-        config.model.get("precision", "default"),  # run folders from before the field
-    )
-    placed = sharding.replicate((variables.backbone, variables.params, variables.batch_stats), mesh)
-    return _on_host(jitted, placed, mesh)
-
-
-def make_pooled_fn(
-    variables: ModelVariables, mesh=None
-) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """images `[B, H, W, 3]` uint8 (host) -> {'pooled': `[B, D]`}: the backbone alone."""
-    mesh = mesh or sharding.make_mesh()
-    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-
-    def pooled(backbone, images):
-        return {"pooled": pool_features(variables.merge(backbone=backbone).extract(images))}
-
-    jitted = jax.jit(pooled, in_shardings=(rep, data), out_shardings=data)
-    return _on_host(jitted, sharding.replicate((variables.backbone,), mesh), mesh)
-
-
-def _on_host(jitted: Callable, placed: tuple, mesh) -> Callable[[np.ndarray], dict]:
-    devices = jax.device_count()
-
-    def run(images: np.ndarray) -> dict[str, np.ndarray]:
-        """`images` is the whole batch, the same on every process."""
-        n = images.shape[0]
-        padded = -n % devices
-        if padded:
-            images = np.concatenate([images, np.zeros((padded,) + images.shape[1:], images.dtype)])
-        share = images.shape[0] // jax.process_count()
-        rank = jax.process_index()
-        local = images[rank * share : (rank + 1) * share]
-        out = jitted(*placed, sharding.global_batch({"x": local}, mesh)["x"])
-        if jax.process_count() > 1:
-            out = multihost_utils.process_allgather(out, tiled=True)
-        return {k: np.asarray(v)[:n] for k, v in out.items()}
-
-    return run
-
-
-def make_tiled_predict_fn(
-    predict_tiles: Callable[[np.ndarray], dict[str, np.ndarray]],
-    config: ml_collections.ConfigDict,
-) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """Whole images by their tiles: images `[B, H, W, 3]` uint8 (any H, W of at least one tile,
-    already at the tiling scale) -> {'raw', 'smoothed': `[B, H, W]`, 'score': `[B]`, 'pooled':
-    `[B, D]` (the mean over the image's tiles)}.
-
-    Every tile is scored by `predict_tiles` (a `make_predict_fn` at the tile size, fed batches
-    of exactly `eval.batch_size` tiles so it compiles once); the tiles' raw maps are stitched
-    (overlaps averaged), then the stitched map is smoothed and scored as a whole.
-    """
-    from grad_jax import tiling
-
-    size, overlap = config.data.tile.size, config.data.tile.overlap
-    batch = config.eval.batch_size
-    smooth_size, pool = config.eval.smooth_size, config.eval.score_pool
-
-    @jax.jit
-    def finish(raw):
-        smoothed = scoring.smooth(raw, smooth_size)
-        return smoothed, scoring.image_scores(smoothed, pool)
-
-    def run(images: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.asarray(images)
-        hw = images.shape[1:3]
-        boxes = tiling.tile_boxes(hw, size, overlap)
-        tiles = np.concatenate([tiling.cut(image, boxes, size) for image in images])
-        maps, pooled = [], []
-        for start in range(0, len(tiles), batch):
-            chunk = tiles[start : start + batch]
-            padded = np.zeros((batch, *chunk.shape[1:]), chunk.dtype)
-            padded[: len(chunk)] = chunk
-            out = predict_tiles(padded)
-            maps.append(out["raw"][: len(chunk)])
-            pooled.append(out["pooled"][: len(chunk)])
-        maps = np.concatenate(maps).reshape(len(images), len(boxes), size, size)
-        raw = np.stack([tiling.stitch(m, boxes, hw) for m in maps])
-        smoothed, score = finish(raw)
-        # An image's pooled features: the mean over its tiles (class recognition).
-        pooled = np.concatenate(pooled).reshape(len(images), len(boxes), -1).mean(axis=1)
-        return {
-            "raw": raw,
-            "smoothed": np.asarray(smoothed),
-            "score": np.asarray(score),
-            "pooled": pooled,
-        }
-
-    return run
-
-
-def _scoring(predict: Callable, config: ml_collections.ConfigDict) -> Callable:
-    """`predict` itself, or its tiled form when `data.tile.size > 0`."""
-    if input_pipeline.tiling_on(config):
-        return make_tiled_predict_fn(predict, config)
-    return predict
 
 
 @dataclasses.dataclass
@@ -214,7 +73,7 @@ def evaluate_categories(
     """Score every test image of every category. With tiling, images are read at their tiling
     scale and scored by their stitched maps; maps and masks are then at that size."""
     names = [c.name for c in categories]
-    predict = _scoring(predict, config)
+    predict = inference.whole_image_fn(predict, config)
     tests = [x.test for x in categories]
     results = []
     for c, cat in enumerate(categories):
@@ -322,8 +181,6 @@ def recognition_accuracy(
 ) -> dict[str, float]:
     """'<category>/recognition_accuracy': the fraction of its test images whose nearest class
     centre is their own class; 'mean/recognition_accuracy': the unweighted mean over classes."""
-    from grad_jax.decisions import nearest_centre
-
     names = list(centres["names"])
     table = np.asarray(centres["centres"], np.float32)
     out = {}
@@ -384,56 +241,26 @@ def write_metrics(
     payload["notes"] = list(notes)
     payload.update(extra or {})
     path = os.path.join(workdir, filename)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=1, sort_keys=True)
     return path
-
-
-def score_items(
-    predict: Callable, source: input_pipeline.IndexedSource, batch: int, desc: str
-) -> np.ndarray:
-    """Image scores of every item of `source` (e.g. the held-out normal images)."""
-    if len(source) == 0:
-        return np.zeros((0,), np.float32)
-    return np.concatenate([out["score"] for _, out in predict_items(predict, source, batch, desc)])
-
-
-def score_held_out(
-    predict: Callable,
-    categories: Sequence[input_pipeline.CategoryData],
-    items: Sequence[input_pipeline.Item],
-    config: ml_collections.ConfigDict,
-) -> np.ndarray:
-    """Image scores of training-split `items` (the held-out normal images), scored as the test
-    images are (whole images, or stitched tiles)."""
-    sources = [c.train for c in categories]
-    size = input_pipeline.eval_image_size(config, sources, items)
-    source = input_pipeline.IndexedSource(sources, items, size, [c.name for c in categories])
-    return score_items(_scoring(predict, config), source, config.eval.batch_size, "threshold")
 
 
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict:
     """--mode=eval: reload the latest checkpoint of `workdir` and evaluate it on the test data
     of `config` (default: the run's own config.json). Writes metrics.json and the report."""
-    from grad_jax import workdir as wd
-
     sharding.maybe_initialize_distributed()
     if config is not None:
-        from grad_jax.train import validate_config
-
         validate_config(config, training=False)
         config = config.copy_and_resolve_references()
         with config.ignore_type():  # the model input the run trained at
-            if input_pipeline.tiling_on(config):
+            if tiling_on(config):
                 config.data.image_size = (config.data.tile.size, config.data.tile.size)
-            elif config.data.image_size == input_pipeline.AUTO_SIZE:
-                config.data.image_size = tuple(wd.read_config(workdir).data.image_size)
-    trained = wd.load_trained(workdir, config=config)
+            elif config.data.image_size == AUTO_SIZE:
+                config.data.image_size = tuple(run_folder.read_config(workdir).data.image_size)
+    trained = run_folder.load_trained(workdir, config=config)
     config = trained.config
     categories = input_pipeline.open_categories(config)
-    predict = make_predict_fn(trained.variables, config)
+    predict = inference.make_predict_fn(trained.variables, config)
     results = evaluate_categories(predict, categories, config)
     info = {"model": f"checkpoint step {trained.step}", "threshold": trained.meta.get("threshold")}
     return publish(workdir, results, info, trained.meta.get("class_centres"))

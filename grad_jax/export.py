@@ -5,7 +5,7 @@
 writes `model.jaxexport` (the whole predict program as `jax.export` StableHLO, weights
 included, batch dimension symbolic, lowered for cpu, cuda and tpu) and `meta.json`; load it
 with `grad_jax.deploy.load_model`, which needs jax, numpy and Pillow only. The exported
-program is the one `Predictor` runs (`evaluate.predict_program`).
+program is the one `Predictor` runs (`inference.predict_program`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from grad_jax import checkpointing, deploy, evaluate, images
-from grad_jax import workdir as wd
+from grad_jax import checkpointing, deploy, images, inference
+from grad_jax.files import atomic_write_bytes, atomic_write_json
+from grad_jax.run_folder import TrainedModel, load_trained
 
 
-def export_program(trained: wd.TrainedModel, platforms: Sequence[str] = deploy.PLATFORMS):
+def export_program(trained: TrainedModel, platforms: Sequence[str] = deploy.PLATFORMS):
     """The `jax.export.Exported` of the predict program of `trained`, batch dim symbolic."""
     from jax import export
 
     variables = trained.variables
-    program = evaluate.predict_program(variables, trained.config)
+    program = inference.predict_program(variables, trained.config)
     weights = jax.tree.map(
         jnp.asarray, (variables.backbone, variables.params, variables.batch_stats)
     )
@@ -43,7 +44,7 @@ def export_program(trained: wd.TrainedModel, platforms: Sequence[str] = deploy.P
     return export.export(jax.jit(predict), platforms=tuple(platforms))(spec)
 
 
-def build_meta(trained: wd.TrainedModel, exported: Any) -> dict[str, Any]:
+def build_meta(trained: TrainedModel, exported: Any) -> dict[str, Any]:
     """meta.json without the model file's digest (added once the file is written)."""
     import jaxlib
 
@@ -104,7 +105,7 @@ def export_workdir(
     Both files are written under temporary names and renamed, meta.json last, so a folder
     that holds a meta.json is complete. Returns the meta.
     """
-    trained = wd.load_trained(workdir, step=step)
+    trained = load_trained(workdir, step=step)
     exported = export_program(trained, platforms)
     data = exported.serialize()
     meta = build_meta(trained, exported)
@@ -113,16 +114,10 @@ def export_workdir(
     meta_path = os.path.join(out, deploy.META_FILE)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the folder is incomplete until the new meta.json lands
-    tmp = model_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, model_path)
+    atomic_write_bytes(model_path, data)
     meta["model_sha256"] = deploy.sha256_of(model_path)
     meta["model_bytes"] = os.path.getsize(model_path)
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, meta_path)
+    atomic_write_json(meta_path, meta, indent=1)
     return meta
 
 

@@ -34,8 +34,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from grad_jax import tiling
-from grad_jax.images import resize_image  # noqa: F401  (one resize for every path)
+import tfds_mvtec
+from grad_jax import sharding, tiling
+from grad_jax.config import AUTO_SIZE, image_stride, tiling_on
+from grad_jax.errors import ConfigError, DataLayoutError, DataNotFoundError
+from grad_jax.images import resize_image
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,6 @@ class CategoryData:
     name: str
     train: Any  # random-access source of records
     test: Any
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The configured data is not there; the message says what to download and where."""
 
 
 def _text(value: Any) -> str:
@@ -71,8 +70,6 @@ def default_data_dir() -> str:
 
 def open_categories(config: ml_collections.ConfigDict) -> list[CategoryData]:
     """Build (once) and open every category the config names."""
-    import tfds_mvtec
-
     d = config.data
     data_dir = d.data_dir or default_data_dir()
     if d.dataset == "mvtec_ad":
@@ -99,17 +96,20 @@ def open_categories(config: ml_collections.ConfigDict) -> list[CategoryData]:
         manual_dir = None
         targets = [(p.name, str(p)) for p in _folder_categories(pathlib.Path(root))]
     else:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.dataset={d.dataset!r}: expected 'mvtec_ad', 'folder' or 'demo'"
         )
 
     def prepare_all():
-        return [
-            tfds_mvtec.prepare(
-                target, data_dir, manual_dir=manual_dir, skip_bad_images=d.skip_bad_images
-            )
-            for _, target in targets
-        ]
+        try:
+            return [
+                tfds_mvtec.prepare(
+                    target, data_dir, manual_dir=manual_dir, skip_bad_images=d.skip_bad_images
+                )
+                for _, target in targets
+            ]
+        except tfds_mvtec.DatasetLayoutError as err:
+            raise DataLayoutError(str(err)) from err
 
     builders = _first_process_builds(prepare_all, data_dir)
     out = []
@@ -153,6 +153,14 @@ def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return (m > 0).astype(np.uint8)
 
 
+def _rgb(record: dict[str, Any]) -> np.ndarray:
+    """A record's image as `[H, W, 3]` (grayscale replicated, alpha dropped)."""
+    image = np.asarray(record["image"])
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    return image[..., :3]
+
+
 @dataclasses.dataclass(frozen=True)
 class Item:
     category: int  # index into the list of categories
@@ -162,11 +170,16 @@ class Item:
 class IndexedSource:
     """Random access over chosen (category, index) items of several sources, decoded."""
 
-    def __init__(self, sources: Sequence[Any], items: Sequence[Item], image_size, names):
+    def __init__(
+        self, sources: Sequence[Any], items: Sequence[Item], image_size, names, masks: bool = True
+    ):
+        """`masks=False` (training) never decodes a mask: records then have no 'mask' and no
+        'has_mask'."""
         self.sources = sources
         self.items = list(items)
         self.image_size = tuple(image_size)
         self.names = list(names)
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.items)
@@ -174,20 +187,19 @@ class IndexedSource:
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
         record = self.sources[item.category][item.index]
-        image = np.asarray(record["image"])
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=-1)
-        return {
-            "image": resize_image(image[..., :3], self.image_size),
-            "mask": resize_mask(np.asarray(record["mask"]), self.image_size),
+        out = {
+            "image": resize_image(_rgb(record), self.image_size),
             "label": np.int32(record["label"]),  # from the folder: good vs defect
-            # False: a defect folder without masks (the all-zero mask means "unknown").
-            # Builds before dataset version 1.1.0 had masks for every image.
-            "has_mask": np.bool_(record.get("has_mask", True)),
             "category": np.int32(item.category),
             "position": np.int32(i),
             "filename": f"{self.names[item.category]}/{_text(record['filename'])}",
         }
+        if self.masks:
+            out["mask"] = resize_mask(np.asarray(record["mask"]), self.image_size)
+            # False: a defect folder without masks (the all-zero mask means "unknown").
+            # Builds before dataset version 1.1.0 had masks for every image.
+            out["has_mask"] = np.bool_(record.get("has_mask", True))
+        return out
 
 
 def _stack(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -210,12 +222,10 @@ def batches(
     otherwise every process reads whole batches.
     """
     order = np.asarray(order, np.int64)
-    processes, rank = (jax.process_count(), jax.process_index()) if split_processes else (1, 0)
     local_order = []
     for start in range(0, len(order), global_batch):
         chunk = order[start : start + global_batch]
-        share = len(chunk) // processes
-        local_order.append(chunk[rank * share : (rank + 1) * share])
+        local_order.append(sharding.process_rows(chunk) if split_processes else chunk)
     sizes = [len(c) for c in local_order]
     flat = np.concatenate(local_order) if local_order else np.zeros((0,), np.int64)
     ds = grain.MapDataset.source(_Take(source, flat)).map(lambda x: x)
@@ -252,14 +262,13 @@ def epoch_order(n: int, seed: int, epoch: int, global_batch: int, devices: int) 
     return perm[: full + tail]
 
 
-AUTO_SIZE = "auto"
+def steps_per_epoch(n: int, global_batch: int, devices: int) -> int:
+    """Training steps in an epoch of `n` images (every epoch has the same number)."""
+    return math.ceil(len(epoch_order(n, 0, 0, global_batch, devices)) / global_batch)
+
+
 #: At most this many training images are measured for `data.image_size='auto'` (evenly spaced).
 AUTO_SAMPLE = 512
-
-
-def image_stride(config: ml_collections.ConfigDict) -> int:
-    """The coarsest backbone stride used: the model input's sides must be multiples of it."""
-    return 2 ** max(config.model.out_layers)
 
 
 def auto_image_size(sizes: Sequence[tuple[int, int]], pixels: int, stride: int) -> tuple[int, int]:
@@ -312,12 +321,6 @@ def resolve_image_size(
 # --------------------------------------------------------------------------- tiling
 
 
-def tiling_on(config: ml_collections.ConfigDict) -> bool:
-    """True when `data.tile.size > 0`: train and score on tiles (see grad_jax/tiling.py)."""
-    tile = config.data.get("tile")
-    return bool(tile is not None and tile.size > 0)
-
-
 def scaled_size(config: ml_collections.ConfigDict, image_hw: Sequence[int]) -> tuple[int, int]:
     """The size an image of `image_hw` is scaled to before it is cut into tiles."""
     t = config.data.tile
@@ -353,7 +356,8 @@ def eval_image_size(
 
 
 class TiledSource:
-    """The tiles of chosen images, for training: same records as `IndexedSource`, one per tile.
+    """The tiles of chosen images, for training: records as `IndexedSource(masks=False)`'s, one
+    per tile (no mask is ever decoded).
 
     Every image is scaled (`data.tile.scale`) and cut into `data.tile.size` squares overlapping
     by at least `data.tile.overlap` pixels. The few most recent scaled images are kept, so the
@@ -374,25 +378,19 @@ class TiledSource:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _read_scaled(self, k: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, Any]:
+    def _read_scaled(self, k: int, hw: tuple[int, int]) -> tuple[np.ndarray, Any]:
         item = self.items[k]
         record = self.sources[item.category][item.index]
-        image = np.asarray(record["image"])
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=-1)
-        image = resize_image(image[..., :3], hw)
-        return image, resize_mask(np.asarray(record["mask"]), hw), record
+        return resize_image(_rgb(record), hw), record
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         k, y, x, hw = self.entries[i]
-        image, mask, record = self._scaled(k, hw)
+        image, record = self._scaled(k, hw)
         s = self.size
         item = self.items[k]
         return {
             "image": np.ascontiguousarray(image[y : y + s, x : x + s]),
-            "mask": np.ascontiguousarray(mask[y : y + s, x : x + s]),
             "label": np.int32(record["label"]),
-            "has_mask": np.bool_(record.get("has_mask", True)),
             "category": np.int32(item.category),
             "position": np.int32(i),
             "filename": f"{self.names[item.category]}/{_text(record['filename'])}@{y},{x}",
@@ -405,10 +403,10 @@ def training_source(
     items: Sequence[Item],
     names: Sequence[str],
 ) -> IndexedSource | TiledSource:
-    """What the model trains on: the images at the input size, or their tiles."""
+    """What the model trains on: the images at the input size, or their tiles (never masks)."""
     if tiling_on(config):
         return TiledSource(sources, items, config, names)
-    return IndexedSource(sources, items, config.data.image_size, names)
+    return IndexedSource(sources, items, config.data.image_size, names, masks=False)
 
 
 def split_holdout(

@@ -12,8 +12,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from grad_jax import cli, evaluate, selection, train
+from grad_jax.config import DEFAULT_CONFIG
+
 config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Config file, e.g. configs/unified.py.", lock_config=True
+    "config", DEFAULT_CONFIG, "Config file, e.g. configs/unified.py.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, report.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and evaluate) or only evaluate.")
@@ -25,28 +28,18 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (the folder for checkpoints and results)")
-    from grad_jax import cli
-
     cli.configure_logging()
     with cli.friendly_errors():
         if FLAGS.mode == "train" and FLAGS.config.get("select"):
-            from grad_jax import selection
-
             selection.select_and_train(FLAGS.config, FLAGS.workdir)
         elif FLAGS.mode == "train":
-            from grad_jax import train
-
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
         else:
-            from grad_jax import evaluate
-
             evaluate.evaluate_workdir(FLAGS.workdir, FLAGS.config)
     return 0
 
 
 def run() -> None:
-    from grad_jax import cli
-
     app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -1,6 +1,6 @@
-"""Score new images with a trained run: a Python API and `python -m grad_jax.predict`.
+"""Score new images with a trained run: `python -m grad_jax.predict`, and its output files.
 
-Python::
+Python (the API lives in `grad_jax.predictor`)::
 
     from grad_jax.predict import Predictor
 
@@ -31,278 +31,36 @@ errors (no paths, a folder that is not a run) exit with status 2.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import csv
 import io
 import math
 import os
 import pathlib
 import posixpath
-import shutil
 import sys
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from grad_jax import images as image_lib
-from grad_jax import input_pipeline, visualize
-from grad_jax.decisions import Decisions, Prediction
+from grad_jax import cli, visualize
+from grad_jax.decisions import Prediction
+from grad_jax.errors import UsageError, UserError
+from grad_jax.files import atomic_write_bytes, remove, temp_name
 from grad_jax.images import read_image, to_rgb8
+from grad_jax.predictor import Predictor, upsample_map
 from tfds_mvtec.mvtec_ad import layout
 
 #: The exit statuses of the command line.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 OVERLAY_DIR = "overlays"
 CSV_COLUMNS = ["file", "score", "decision", "threshold", "category", "calibrated", "overlay"]
-_DECODE_THREADS = 4
-
-
-class UsageError(ValueError):
-    """A command-line or API argument that cannot work; the message says why."""
 
 
 # The result type, image conversion and decision rules live in light modules shared with the
 # exported model (grad_jax.deploy); re-exported here so `from grad_jax.predict import ...` works.
 __all__ = ["Prediction", "Predictor", "UsageError", "read_image", "to_rgb8"]
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, layout.BadImageError):
-        return err.reason
-    return str(err) or type(err).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# The Python API.
-# --------------------------------------------------------------------------------------------
-
-
-class Predictor:
-    """A trained model ready to score images; one compiled program for batches of `batch_size`.
-
-    Every batch sent to the device is padded to exactly `batch_size` images, so however many
-    images are scored, the predict function is compiled once. Decisions follow
-    `grad_jax.decisions`: per class (given, or recognised from the image) with the thresholds,
-    held-out normal scores and class centres stored with the run (`meta`); `threshold`, when
-    set, overrides them all.
-    """
-
-    def __init__(
-        self,
-        variables: Any,
-        config: Any,
-        threshold: float | None = None,
-        batch_size: int = 16,
-        meta: dict[str, Any] | None = None,
-        step: int | None = None,
-        workdir: str | None = None,
-    ):
-        from grad_jax import evaluate
-
-        if int(batch_size) < 1:
-            raise UsageError(f"batch_size must be at least 1, got {batch_size}")
-        self.config = config
-        self.batch_size = int(batch_size)
-        self.meta = dict(meta or {})
-        self.decisions = Decisions(self.meta)
-        if threshold is not None:
-            self.decisions.fix_threshold(threshold)
-        self.step = step
-        self.workdir = workdir
-        self.image_size: tuple[int, int] = tuple(int(x) for x in config.data.image_size)
-        self._predict_fn: Callable[[np.ndarray], dict[str, np.ndarray]] = evaluate.make_predict_fn(
-            variables, config
-        )
-        # Tiling: images keep their size here; each is scaled, cut, scored and stitched.
-        self.tiled = input_pipeline.tiling_on(config)
-        if self.tiled:
-            self._tiled_fn = evaluate.make_tiled_predict_fn(self._predict_fn, config)
-
-    @classmethod
-    def from_workdir(
-        cls, workdir: str | os.PathLike, step: int | None = None, batch_size: int = 16
-    ) -> Predictor:
-        """The model of a run folder (its latest readable checkpoint, or checkpoint `step`).
-
-        Raises FileNotFoundError if `workdir` is not a run folder or has no such checkpoint.
-        """
-        from grad_jax import checkpointing
-        from grad_jax import workdir as wd
-
-        workdir = os.fspath(workdir)
-        wd.read_config(workdir)  # fails clearly (before anything is created) if not a run
-        if step is not None:
-            # Read-only: a writable manager would clean up the in-progress save of a training
-            # job running beside us.
-            ckpt = checkpointing.Checkpoints(workdir, read_only=True)
-            steps = ckpt.steps()
-            ckpt.close()
-            if int(step) not in steps:
-                have = ", ".join(map(str, steps)) or "none"
-                raise FileNotFoundError(
-                    f"{workdir} has no checkpoint of step {step} (available steps: {have})"
-                )
-        trained = wd.load_trained(workdir, step=None if step is None else int(step))
-        return cls(
-            trained.variables,
-            trained.config,
-            batch_size=batch_size,
-            meta=trained.meta,
-            step=trained.step,
-            workdir=workdir,
-        )
-
-    @property
-    def threshold(self) -> float | None:
-        """The run-wide threshold: the one fixed by the caller if any, else the run's (or None).
-
-        Assigning it decides every image with that value (None: no decisions);
-        `decisions.use_stored_thresholds()` returns to the stored per-class thresholds.
-        """
-        d = self.decisions
-        return d.fixed_threshold if d.fixed else d.run_threshold
-
-    @threshold.setter
-    def threshold(self, value: float | None) -> None:
-        self.decisions.fix_threshold(value)
-
-    @property
-    def categories(self) -> list[str]:
-        """The class names the model was trained on (empty for runs that did not store them)."""
-        return list(self.decisions.categories)
-
-    @property
-    def category_thresholds(self) -> dict[str, float]:
-        """Per-category thresholds stored with the run (category name -> score), maybe empty."""
-        return dict(self.decisions.per_category)
-
-    def prepare(self, image: Any, name: str = "<image>") -> np.ndarray:
-        """One image (see `to_rgb8`) -> `[H, W, 3]` uint8 at the model input size (with tiling:
-        at its own size; `predict_prepared` cuts it)."""
-        return self._model_input(to_rgb8(image, name))
-
-    def _model_input(self, rgb: np.ndarray) -> np.ndarray:
-        return rgb if self.tiled else image_lib.resize_image(rgb, self.image_size)
-
-    def decide(self, score: float) -> bool | None:
-        """`score` against the run-wide threshold (see `threshold`)."""
-        threshold = self.threshold
-        return None if threshold is None else bool(score >= threshold)
-
-    def predict(
-        self,
-        images: Sequence[Any],
-        categories: Sequence[str | None] | str | None = None,
-    ) -> list[Prediction]:
-        """Score a sequence of images (arrays of any size, see `to_rgb8`, or Pillow images).
-
-        A `[N, H, W, C]` array counts as N images; a single image must be wrapped in a list.
-        `categories`: one class for all images, one per image, or None (recognised).
-        """
-        return image_lib.in_batches(
-            images, categories, self.batch_size, self.prepare, self.predict_prepared
-        )
-
-    def predict_prepared(
-        self,
-        batch: Sequence[np.ndarray],
-        categories: Sequence[str | None] | str | None = None,
-    ) -> list[Prediction]:
-        """Score at most `batch_size` images already at the model size (`prepare`)."""
-        n = len(batch)
-        if not n:
-            return []
-        if n > self.batch_size:
-            raise ValueError(f"{n} images in one batch; at most batch_size={self.batch_size}")
-        if self.tiled:
-            return self._predict_tiled(batch, categories)
-        result = self._predict_fn(image_lib.stack_prepared(batch, self.image_size, self.batch_size))
-        return self.decisions.results(
-            np.asarray(result["score"])[:n],
-            np.asarray(result["raw"])[:n],
-            categories,
-            np.asarray(result["pooled"])[:n],
-        )
-
-    def _predict_tiled(
-        self, batch: Sequence[np.ndarray], categories: Sequence[str | None] | str | None
-    ) -> list[Prediction]:
-        """Images at their own sizes, one at a time: scaled, tiled, stitched; each map back at
-        its image's original size."""
-        scores, maps, pooled = [], [], []
-        for image in batch:
-            original = image.shape[:2]
-            scaled = image_lib.resize_image(
-                image, input_pipeline.scaled_size(self.config, original)
-            )
-            result = self._tiled_fn(scaled[None])
-            scores.append(float(result["score"][0]))
-            maps.append(_upsample(np.asarray(result["raw"][0], np.float32), original))
-            pooled.append(result["pooled"][0])
-        return self.decisions.results(np.asarray(scores), maps, categories, np.stack(pooled))
-
-    def iter_files(
-        self, paths: Iterable[str | os.PathLike], category: str | None = None
-    ) -> Iterator[tuple[str, np.ndarray | None, Prediction | None, str | None]]:
-        """`(path, original RGB image, prediction, None)` or `(path, None, None, reason)` per path,
-        in order. Files are decoded on background threads, a few batches ahead."""
-        paths = [os.fspath(p) for p in paths]
-
-        def load(path: str) -> tuple[np.ndarray, np.ndarray]:
-            original = read_image(path)
-            return original, self._model_input(original)
-
-        pending: list[tuple[str, Any, str | None]] = []  # (path, images or None, reason)
-        waiting = 0
-
-        def flush():
-            ready = [item[1] for item in pending if item[1] is not None]
-            predictions = iter(self.predict_prepared([r for _, r in ready], category))
-            for path, images, reason in pending:
-                if images is None:
-                    yield path, None, None, reason
-                else:
-                    yield path, images[0], next(predictions), None
-
-        with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
-            queue: collections.deque = collections.deque()
-            todo = iter(paths)
-            lookahead = 2 * self.batch_size
-            for path in todo:
-                queue.append((path, pool.submit(load, path)))
-                if len(queue) >= lookahead:
-                    break
-            while queue:
-                path, future = queue.popleft()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    queue.append((nxt, pool.submit(load, nxt)))
-                try:
-                    pending.append((path, future.result(), None))
-                    waiting += 1
-                except (layout.BadImageError, ValueError, OSError) as err:
-                    pending.append((path, None, _reason(err)))
-                if waiting == self.batch_size:
-                    yield from flush()
-                    pending, waiting = [], 0
-            if pending:
-                yield from flush()
-
-    def predict_files(
-        self, paths: Iterable[str | os.PathLike]
-    ) -> tuple[list[tuple[str, Prediction]], list[tuple[str, str]]]:
-        """`([(path, prediction)], [(path, reason)])`: the scored files and the unreadable ones."""
-        ok, failed = [], []
-        for path, _, prediction, reason in self.iter_files(paths):
-            if prediction is None:
-                failed.append((path, reason))
-            else:
-                ok.append((path, prediction))
-        return ok, failed
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,18 +129,6 @@ def collect_inputs(
     return out, failed
 
 
-def _temp_name(path: str) -> str:
-    directory, base = os.path.split(path)
-    return os.path.join(directory, f".{base}.tmp{os.getpid()}")
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
 class _NpzWriter:
     """Writes arrays one by one into an .npz (a zip of .npy files, as numpy.savez does)."""
 
@@ -397,24 +143,12 @@ class _NpzWriter:
         self.zip.close()
 
 
-def _upsample(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """`[h, w]` float map -> `size` (H, W) with Pillow bilinear."""
-    h, w = size
-    if anomaly_map.shape == (h, w):
-        return anomaly_map.astype(np.float32)
-    image = Image.fromarray(np.ascontiguousarray(anomaly_map, np.float32))
-    return np.asarray(image.resize((w, h), Image.BILINEAR))
-
-
 def _write_overlay(path: str, image: np.ndarray, anomaly_map: np.ndarray, vmin, vmax) -> None:
-    blended = visualize.overlay(image, _upsample(anomaly_map, image.shape[:2]), vmin, vmax)
+    blended = visualize.overlay(image, upsample_map(anomaly_map, image.shape[:2]), vmin, vmax)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     buffer = io.BytesIO()
     Image.fromarray(blended).save(buffer, format="PNG")
-    tmp = _temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def overlay_names(keys: Sequence[str]) -> dict[str, str]:
@@ -489,14 +223,14 @@ def write_outputs(
     vmin, vmax = (0.0, 2.0 * threshold) if fixed_range else (math.inf, -math.inf)
     final = {name: os.path.join(out, name) for name in ("scores.csv", "maps.npz", "README.txt")}
     final[OVERLAY_DIR] = os.path.join(out, OVERLAY_DIR)
-    temps = {name: _temp_name(path) for name, path in final.items()}
-    old_overlays = _temp_name(final[OVERLAY_DIR]) + ".old"
+    temps = {name: temp_name(path) for name, path in final.items()}
+    old_overlays = temp_name(final[OVERLAY_DIR]) + ".old"
     failed: list[tuple[str, str]] = []
     scored: list[tuple[str, str]] = []
     npz = None
     try:
         for tmp in temps.values():
-            _remove(tmp)
+            remove(tmp)
         os.makedirs(temps[OVERLAY_DIR])
         npz = _NpzWriter(temps["maps.npz"])
         anomalous = 0
@@ -556,7 +290,7 @@ def write_outputs(
         if npz is not None:
             npz.close()
         for tmp in [*temps.values(), old_overlays]:
-            _remove(tmp)
+            remove(tmp)
     return len(scored), failed
 
 
@@ -707,8 +441,6 @@ def main(argv: Sequence[str]) -> int:
     if values.threshold is not None and values.category is not None:
         return usage_error("give either --threshold or --category, not both")
 
-    from grad_jax import checkpointing, cli
-
     cli.configure_logging()
     files, failed = collect_inputs(paths, exclude=values.out)
 
@@ -722,7 +454,7 @@ def main(argv: Sequence[str]) -> int:
             batch = max(1, min(values.batch_size, len(files)))
             predictor = Predictor.from_workdir(values.workdir, values.step, batch_size=batch)
             threshold, source = resolve_threshold(predictor, values.threshold, values.category)
-        except (UsageError, FileNotFoundError, checkpointing.CheckpointMismatchError) as err:
+        except UserError as err:
             return usage_error(str(err))
         if values.threshold is not None:
             predictor.threshold = threshold

@@ -48,19 +48,31 @@ import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
 
-from grad_jax import checkpointing, evaluate, input_pipeline, sharding, train
-from grad_jax import workdir as wd
+from grad_jax import (
+    checkpointing,
+    feature_cache,
+    inference,
+    input_pipeline,
+    run_folder,
+    sharding,
+    train,
+)
+from grad_jax.config import AUTO_SIZE, tiling_on, validate_config
+from grad_jax.errors import SelectionError
+from grad_jax.files import atomic_write_json
 from grad_jax.models.efficientnet import VARIANTS, efficientnet_spec
+from grad_jax.models.model import ModelVariables
 from grad_jax.optim import make_optimizer
+from grad_jax.run_records import METRICS_LOG, MetricsLog
 from grad_jax.synthetic_validation import (
     FIGURE,
-    SelectionError,
     TrainFolder,
     ValidationSet,
     build_validation,
     category_roots,
     validate,
 )
+from grad_jax.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +165,7 @@ class Probe:
 
     candidate: Candidate
     record: dict[str, Any]
-    state: dict[str, Any] | None = None  # host copy of the training state after the probe
+    state: TrainState | None = None  # host copy of the training state after the probe
     backbone: dict[str, Any] | None = None
     log_path: str = ""
 
@@ -162,17 +174,62 @@ class FeatureCache:
     """Backbone features of the training images, one entry per (backbone, size, stages)."""
 
     def __init__(self):
-        self.entries: dict[tuple, tuple[list[np.ndarray], list[str]]] = {}
+        self.entries: dict[tuple, tuple[list[np.ndarray], list[str | None]]] = {}
 
     def get(self, candidate, variables, source, config, mesh, backbone):
         key = (candidate.backbone, candidate.image_size, candidate.out_layers)
         if key not in self.entries:
-            shapes = train.feature_shapes(variables, config)
-            extract = train.make_extract_fn(variables, mesh)
-            self.entries[key] = train.build_feature_cache(
+            shapes = feature_cache.feature_shapes(variables, config)
+            extract = feature_cache.make_extract_fn(variables, mesh)
+            self.entries[key] = feature_cache.build_feature_cache(
                 extract, backbone, source, config, mesh, shapes
             )
         return self.entries[key]
+
+
+def _probe_epoch(run: train.TrainingRun, state, step_fn, epoch: int, cache, label: str):
+    """One training epoch of a probe; returns (state, steps taken)."""
+    config = run.config
+    bar = tqdm.tqdm(
+        total=run.steps_per_epoch,
+        desc=f"{label} epoch {epoch + 1}/{config.train.epochs}",
+        disable=jax.process_index() != 0,
+        leave=False,
+    )
+    pending, steps = None, epoch * run.steps_per_epoch
+    for local in train.epoch_batches(run.source, epoch, 0, config, cache):
+        inputs = sharding.global_batch(train.step_inputs(local), run.mesh)
+        state, step_metrics = step_fn(state, run.backbone, inputs)
+        if pending is not None:
+            run.record_step(pending)
+        steps += 1
+        pending = (steps, step_metrics, local["filename"], 0.0)
+        bar.update(1)
+    bar.close()
+    if pending is not None:
+        run.record_step(pending)
+    return state
+
+
+def _start_probe(candidate, cfg, source, cache: FeatureCache, log_dir: str):
+    """(run, state, feature cache or None, caching seconds) of a probe at step 0."""
+    n = len(source)
+    spe = input_pipeline.steps_per_epoch(n, cfg.train.batch_size, jax.device_count())
+    variables = ModelVariables.from_model(run_folder.create_model(cfg))
+    tx, schedules = make_optimizer(cfg.train, spe, variables.params)
+    mesh = sharding.make_mesh()
+    state = sharding.replicate(TrainState.create(variables.params, variables.batch_stats, tx), mesh)
+    backbone = sharding.replicate(variables.backbone, mesh)
+    os.makedirs(log_dir, exist_ok=True)
+    run = train.TrainingRun(
+        cfg, variables, tx, schedules, mesh, backbone, source, spe, None, {},
+        MetricsLog(log_dir, 0),
+    )  # fmt: skip
+    t_cache = time.time()
+    features = None
+    if feature_cache.use_cache(cfg, feature_cache.feature_shapes(variables, cfg), n):
+        features = cache.get(candidate, variables, source, cfg, mesh, backbone)
+    return run, state, features, time.time() - t_cache
 
 
 def probe(
@@ -188,69 +245,23 @@ def probe(
     cfg = candidate.apply(config)
     probe_epochs = config.selection.probe_epochs
     cfg.train.epochs = probe_epochs
-    train.validate_config(cfg)
+    validate_config(cfg)
     t_start = time.time()
-    n = len(source)
-    batch, devices = cfg.train.batch_size, jax.device_count()
-    steps_per_epoch = len(range(0, len(input_pipeline.epoch_order(n, 0, 0, batch, devices)), batch))
-    variables = wd.ModelVariables.from_model(wd.create_model(cfg))
-    tx, schedules = make_optimizer(cfg.train, steps_per_epoch, variables.params)
-    state = train.initial_state(variables, tx)
-    mesh = sharding.make_mesh()
-    state = sharding.replicate(state, mesh)
-    backbone = sharding.replicate(variables.backbone, mesh)
-    shapes = train.feature_shapes(variables, cfg)
-    cached = train.use_cache(cfg, shapes, n)
-    features = names = None
-    t_cache = time.time()
-    if cached:
-        features, names = cache.get(candidate, variables, source, cfg, mesh, backbone)
-    t_cache = time.time() - t_cache
-    step_fn = train.make_train_step(variables, tx, mesh, cached, cfg.seed)
-    os.makedirs(log_dir, exist_ok=True)
-    metrics_log = train.MetricsLog(log_dir, 0)
+    run, state, features, t_cache = _start_probe(candidate, cfg, source, cache, log_dir)
+    step_fn = train.make_train_step(run.variables, run.tx, run.mesh, features is not None, cfg.seed)
     eval_epochs = sorted({e for e in config.selection.eval_epochs if 0 < e < probe_epochs})
     eval_epochs.append(probe_epochs)
     curve = []
     train_seconds = val_seconds = 0.0
-    step = 0
     for epoch in range(probe_epochs):
         t0 = time.time()
-        order = input_pipeline.epoch_order(n, cfg.seed, epoch, batch, devices)
-        if cached:
-            local_batches = train._cached_batches(features, names, order, batch, source)
-        else:
-            local_batches = input_pipeline.batches(source, order, batch)
-        bar = tqdm.tqdm(
-            total=steps_per_epoch,
-            desc=f"{candidate.name} epoch {epoch + 1}/{probe_epochs}",
-            disable=jax.process_index() != 0,
-            leave=False,
-        )
-        pending = None
-        for local in local_batches:
-            filenames = local.pop("filename")
-            for key in ("mask", "label", "category", "position"):
-                local.pop(key, None)
-            state, step_metrics = step_fn(state, backbone, sharding.global_batch(local, mesh))
-            if pending is not None:
-                train._check_and_log(pending, metrics_log, schedules, cfg, steps_per_epoch)
-            step += 1
-            pending = (step, step_metrics, filenames, 0.0)
-            bar.update(1)
-        bar.close()
-        if pending is not None:
-            train._check_and_log(pending, metrics_log, schedules, cfg, steps_per_epoch)
+        state = _probe_epoch(run, state, step_fn, epoch, features, candidate.name)
         train_seconds += time.time() - t0
         if epoch + 1 in eval_epochs:
-            predict_vars = wd.ModelVariables(
-                variables.graphdef,
-                variables.templates,
-                backbone,
-                state["params"],
-                state["batch_stats"],
+            variables = run.variables.replace(
+                backbone=run.backbone, params=state.params, batch_stats=state.batch_stats
             )
-            predict = evaluate.make_predict_fn(predict_vars, cfg, mesh)
+            predict = inference.make_predict_fn(variables, cfg, run.mesh)
             t0 = time.time()
             figures = validate(predict, val, cfg)
             val_seconds = time.time() - t0
@@ -272,15 +283,12 @@ def probe(
         "cache_seconds": t_cache,
         "val_seconds": val_seconds,
         "seconds": time.time() - t_start,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": run.steps_per_epoch,
     }
     return Probe(
-        candidate,
-        record,
-        jax.device_get(state),
-        jax.device_get(backbone),
-        metrics_log.path,
-    )
+        candidate, record, jax.device_get(state), jax.device_get(run.backbone),
+        run.metrics_log.path,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,12 +361,12 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     if not train_items:
         raise SelectionError("no training images left after holding out the validation share")
-    if input_pipeline.tiling_on(config):
+    if tiling_on(config):
         raise SelectionError(
             "config.select does not combine with data.tile yet: choose the tiling yourself "
             "(--config.data.tile.size=0 to select among whole-image recipes)"
         )
-    if config.data.image_size == input_pipeline.AUTO_SIZE:  # measured on training images only
+    if config.data.image_size == AUTO_SIZE:  # measured on training images only
         config = config.copy_and_resolve_references()
         config.data.image_size = input_pipeline.resolve_image_size(config, shells)
     val = build_validation(
@@ -398,7 +406,9 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 )
                 log.info("selection: %s skipped (%s)", cand.name, skipped[-1]["reason"])
                 continue
-        source = input_pipeline.IndexedSource(folders, train_items, cand.image_size, names)
+        source = input_pipeline.IndexedSource(
+            folders, train_items, cand.image_size, names, masks=False
+        )
         log_dir = os.path.join(workdir, "selection", cand.slug)
         probes.append(probe(cand, config, source, val, cache, log_dir))
         _write(workdir, {**record, "candidates": [p.record for p in probes], "skipped": skipped})
@@ -458,30 +468,22 @@ def _reuse(winner: Probe, final: ml_collections.ConfigDict, workdir: str) -> boo
         ckpt.close()
         return False
     state = winner.state
-    step = int(state["step"])
+    step = int(state.step)
     spe = winner.record["steps_per_epoch"]
-    ckpt.save(
-        step,
-        {
-            "model": {"params": state["params"], "batch_stats": state["batch_stats"]},
-            "train": {"step": state["step"], "opt_state": state["opt_state"]},
-            "backbone": winner.backbone,
-        },
-        {
-            "fingerprint": checkpointing.fingerprint(final),
-            "step": step,
-            "epoch": step / spe,
-            "steps_per_epoch": spe,
-            "final": False,
-            "from_selection": winner.candidate.name,
-        },
-    )
+    meta = {
+        "step": step,
+        "epoch": step / spe,
+        "steps_per_epoch": spe,
+        "final": False,
+        "from_selection": winner.candidate.name,
+    }
+    ckpt.save(step, state, winner.backbone, final, meta)
     ckpt.close()
     # The probe's training log is the start of the run's log.
     if jax.process_index() == 0:
         with open(winner.log_path, encoding="utf-8") as src:
             lines = src.read()
-        with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as dst:
+        with open(os.path.join(workdir, METRICS_LOG), "w", encoding="utf-8") as dst:
             dst.write(lines)
     return True
 
@@ -490,10 +492,7 @@ def _write(workdir: str, record: dict[str, Any]) -> None:
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, SELECTION_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, default=float)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(os.path.join(workdir, SELECTION_FILE), record, indent=1, default=float)
 
 
 def read_selection(workdir: str) -> dict[str, Any] | None:
@@ -579,7 +578,7 @@ def select_and_train(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     metrics.json and the report record the candidates and the choice."""
     sharding.maybe_initialize_distributed()
     config = config.copy_and_resolve_references()
-    train.validate_config(config)
+    validate_config(config)
     validate_selection_config(config)
     record = read_selection(workdir)
     if record is None:

@@ -70,6 +70,6 @@ def load_model(
         from grad_jax import deploy  # only the loader this kind of folder needs
 
         return deploy.load_model(model_dir, batch_size=batch_size)
-    from grad_jax.predict import Predictor
+    from grad_jax.predictor import Predictor
 
     return PredictorModel(Predictor.from_workdir(workdir, step=step, batch_size=batch_size))

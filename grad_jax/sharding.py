@@ -63,6 +63,14 @@ def check_batch_size(global_batch: int, what: str = "config.train.batch_size") -
     return global_batch // processes
 
 
+def process_rows(rows):
+    """This process's contiguous share of a global batch's `rows` (an array or sequence): every
+    process takes `len(rows) // process_count` rows, in process order."""
+    share = len(rows) // jax.process_count()
+    rank = jax.process_index()
+    return rows[rank * share : (rank + 1) * share]
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble each process's rows into arrays sharded over the data axis."""
     sharding = batch_sharded(mesh)

@@ -17,16 +17,15 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+import tfds_mvtec
 from grad_jax import input_pipeline, metrics
 from grad_jax import synthetic_defects as sd
+from grad_jax.errors import DataLayoutError, SelectionError
+from tfds_mvtec.mvtec_ad import layout
 
 log = logging.getLogger(__name__)
 
 FIGURE = "mean of image AUROC and pixel AUPRO on the synthetic validation"
-
-
-class SelectionError(ValueError):
-    """Selection cannot run with this config or data; the message names the fix."""
 
 
 class TrainFolder:
@@ -37,9 +36,6 @@ class TrainFolder:
     """
 
     def __init__(self, root: pathlib.Path, skip_bad_images: bool = False):
-        import tfds_mvtec
-        from tfds_mvtec.mvtec_ad import layout
-
         folder = root / "train" / "good"
         if not folder.is_dir():
             raise SelectionError(
@@ -63,9 +59,10 @@ class TrainFolder:
         return len(self.paths)
 
     def load(self, i: int) -> np.ndarray:
-        import tfds_mvtec
-
-        return tfds_mvtec.load_rgb(self.paths[i])
+        try:
+            return tfds_mvtec.load_rgb(self.paths[i])
+        except tfds_mvtec.DatasetLayoutError as err:
+            raise DataLayoutError(str(err)) from err
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image = self.load(i)

@@ -33,11 +33,9 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from grad_jax.errors import TorchFileError
+
 __all__ = ["TorchFileError", "UnsafePickleError", "load"]
-
-
-class TorchFileError(ValueError):
-    """The file is corrupt, truncated, not a PyTorch checkpoint, or declares absurd sizes."""
 
 
 class UnsafePickleError(TorchFileError):

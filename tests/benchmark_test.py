@@ -4,7 +4,7 @@ from grad_jax import benchmark
 
 
 def test_latency_part_reports_both_paths_and_the_cpu():
-    from configs import tiny
+    from grad_jax.configs import tiny
 
     result = benchmark.run_benchmark(tiny.get_config(), 2, 1, False, ["latency"], 2)
     latency = result["latency_batch1"]

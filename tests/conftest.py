@@ -66,8 +66,8 @@ def tiny_category(base, num_train=8, num_test_good=2, num_test_defect=1):
 
 def _train_tiny_run(base):
     """Train configs/tiny.py for one epoch on a generated category under `base`."""
-    from configs import tiny
     from grad_jax import train
+    from grad_jax.configs import tiny
 
     category = tiny_category(base / "data")
     config = tiny.get_config()

@@ -14,13 +14,14 @@ from tests.conftest import ROOT, require_module  # noqa: E402
 
 torch = require_module("torch", "pip install -e '.[test]'")
 
-from grad_jax import convert, workdir  # noqa: E402
-from grad_jax.evaluate import make_predict_fn  # noqa: E402
+from grad_jax import run_folder, weights  # noqa: E402
+from grad_jax.config import load_config_file  # noqa: E402
+from grad_jax.inference import make_predict_fn  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
 CONFIG = textwrap.dedent(
     """
-    from configs import tiny
+    from grad_jax.configs import tiny
 
     def get_config():
         config = tiny.get_config()
@@ -64,7 +65,7 @@ def test_crad_checkpoint_becomes_a_run_folder(torch_model):
     result = run_cli(f"--torch-checkpoint={ckpt}", f"--config={config_path}", f"--workdir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "source epoch 40" in result.stdout
-    trained = workdir.load_trained(str(out))
+    trained = run_folder.load_trained(str(out))
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     got = make_predict_fn(trained.variables, trained.config)(images)["raw"]
     mean = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet, as the lukemelas B0
@@ -86,12 +87,12 @@ def test_backbone_file_to_npz_and_back(torch_model):
     npz = tmp / "b0.npz"
     result = run_cli(f"--torch-backbone={pth}", f"--config={config_path}", f"--out={npz}")
     assert result.returncode == 0, result.stderr[-2000:]
-    config = convert.load_config_file(str(config_path))
+    config = load_config_file(str(config_path))
     from grad_jax.models.model import build_model
 
     from_pth, from_npz = build_model(config), build_model(config)
-    convert.load_backbone(from_pth, "efficientnet-b0", str(pth))
-    convert.load_backbone(from_npz, "efficientnet-b0", str(npz))
+    weights.load_backbone(from_pth, "efficientnet-b0", str(pth))
+    weights.load_backbone(from_npz, "efficientnet-b0", str(npz))
     x = jnp.asarray(np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8))
     for a, b in zip(from_pth.extract(x), from_npz.extract(x), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import deploy, export, predict
+from grad_jax import calibration, deploy, export, predict, run_folder
 from tests.conftest import ROOT
 
 CLASSES = ("hex_nut", "wood")
@@ -34,8 +34,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(data, tmp_path_factory):
     """A unified tiny run on two classes (its final checkpoint stores centres and scores)."""
-    from configs import tiny
     from grad_jax import train
+    from grad_jax.configs import tiny
 
     config = tiny.get_config()
     config.data.dataset = "folder"
@@ -142,9 +142,8 @@ def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_d
     """Centres (computed at training time from the feature cache) against the predict
     program's pooled output on the same training images (the held-out ones excluded)."""
     from grad_jax import input_pipeline
-    from grad_jax import workdir as wd
 
-    config = wd.read_config(run_dir)
+    config = run_folder.read_config(run_dir)
     predictor = predict.Predictor.from_workdir(run_dir, batch_size=16)
     categories = input_pipeline.open_categories(config)
     train_items, held = input_pipeline.split_holdout(
@@ -164,10 +163,12 @@ def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_d
             centres["centres"][c], pooled[labels == c].mean(0), rtol=1e-4, atol=1e-5
         )
     # runs without the feature cache compute them with one backbone pass: the same centres
-    from grad_jax import sharding, train
+    from grad_jax import sharding
 
-    trained = wd.load_trained(run_dir)
-    uncached = train._class_centres(trained.variables, None, source, config, sharding.make_mesh())
+    trained = run_folder.load_trained(run_dir)
+    uncached = calibration.class_centres(
+        trained.variables, None, source, config, sharding.make_mesh()
+    )
     assert uncached["names"] == centres["names"] and uncached["num_images"] == [7, 7]
     np.testing.assert_allclose(uncached["centres"], centres["centres"], rtol=1e-4, atol=1e-5)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny
-from grad_jax import evaluate, input_pipeline, predict, scoring, train
-from grad_jax import workdir as wd
+from grad_jax import errors, evaluate, input_pipeline, predict, run_folder, scoring, train
+from grad_jax.config import validate_config
+from grad_jax.configs import tiny
 
 torch = pytest.importorskip("torch")
 
@@ -70,13 +70,13 @@ def test_auto_size_uses_the_median_aspect_ratio_and_stride():
 def test_image_size_validation():
     config = tiny.get_config()
     config.data.image_size = (100, 64)
-    with pytest.raises(train.ConfigError, match=r"data.image_size=\(100, 64\).*multiples of .*16"):
-        train.validate_config(config)
+    with pytest.raises(errors.ConfigError, match=r"data.image_size=\(100, 64\).*multiples of .*16"):
+        validate_config(config)
     config.data.image_size = "auto"
-    train.validate_config(config)
+    validate_config(config)
     config.data.auto_pixels = 100
-    with pytest.raises(train.ConfigError, match="data.auto_pixels=100"):
-        train.validate_config(config)
+    with pytest.raises(errors.ConfigError, match="data.auto_pixels=100"):
+        validate_config(config)
 
 
 def test_neck_and_head_on_a_non_square_feature_map_match_pytorch():
@@ -133,7 +133,7 @@ def tall_run(tmp_path_factory):
 
 def test_tall_dataset_trains_evaluates_and_predicts(tall_run):
     root, workdir, values, config = tall_run
-    saved_config = wd.read_config(str(workdir))
+    saved_config = run_folder.read_config(str(workdir))
     assert tuple(saved_config.data.image_size) == (80, 32)  # (height, width) from 'auto'
     saved = json.loads((workdir / "metrics.json").read_text())
     for key in ("tall/image_auroc", "tall/pixel_auroc", "tall/pixel_aupro"):

@@ -18,7 +18,7 @@ PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max")
 
 
 def _tiny(root, data_dir, epochs=1, holdout=0.25):
-    from configs import tiny
+    from grad_jax.configs import tiny
 
     config = tiny.get_config()
     config.data.dataset = "folder"

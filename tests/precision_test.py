@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default, tiny, unified
-from grad_jax import evaluate, sharding, train
-from grad_jax import workdir as wd
-from grad_jax.models.model import build_model
+from grad_jax import errors, inference, scoring, sharding, train
+from grad_jax.config import validate_config
+from grad_jax.configs import default, tiny, unified
+from grad_jax.models.model import ModelVariables, build_model
 from grad_jax.optim import make_optimizer
 from grad_jax.precision import PRECISIONS, with_precision
+from grad_jax.train_state import TrainState
 
 
 def test_default_and_unified_configs_use_tensorfloat32():
@@ -18,8 +19,8 @@ def test_default_and_unified_configs_use_tensorfloat32():
     assert unified.get_config().model.precision == "tensorfloat32"
     config = tiny.get_config()
     config.model.precision = "fp8"
-    with pytest.raises(train.ConfigError, match="model.precision='fp8'"):
-        train.validate_config(config)
+    with pytest.raises(errors.ConfigError, match="model.precision='fp8'"):
+        validate_config(config)
     assert PRECISIONS == ("default", "bfloat16", "tensorfloat32", "float32")
 
 
@@ -42,28 +43,23 @@ def test_products_are_lowered_with_the_configured_precision():
 def test_training_step_and_prediction_use_the_config():
     config = tiny.get_config()
     config.model.precision = "float32"
-    variables = wd.ModelVariables.from_model(build_model(config))
+    variables = ModelVariables.from_model(build_model(config))
     mesh = sharding.make_mesh()
     tx, _ = make_optimizer(config.train, 4, variables.params)
     step = train.make_train_step(variables, tx, mesh, False, 0, config.model.precision)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": variables.params,
-        "batch_stats": variables.batch_stats,
-        "opt_state": tx.init(variables.params),
-    }
+    state = TrainState.create(variables.params, variables.batch_stats, tx)
     batch = {"image": jnp.zeros((4, 64, 64, 3), jnp.uint8), "stop": jnp.zeros((4,), jnp.int32)}
     text = step.lower(state, variables.backbone, batch).as_text()
     assert "precision = [HIGHEST, HIGHEST]" in text and "DEFAULT" not in text
     assert text.count("precision = [") > 10  # every product of the step
     seen = []
-    original = evaluate.scoring.smooth
+    original = scoring.smooth
 
     def smooth(*args):
         seen.append(jax.config.jax_default_matmul_precision)
         return original(*args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate.scoring, "smooth", smooth)
-        evaluate.make_predict_fn(variables, config)(np.zeros((1, 64, 64, 3), np.uint8))
+        mp.setattr(scoring, "smooth", smooth)
+        inference.make_predict_fn(variables, config)(np.zeros((1, 64, 64, 3), np.uint8))
     assert seen == ["float32"]

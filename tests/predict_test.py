@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import evaluate, predict, visualize
-from grad_jax import workdir as wd
+from grad_jax import inference, predict, run_folder, visualize
 from tests.conftest import ROOT, tiny_category
 
 SIZE = (64, 64)  # configs/tiny.py
@@ -32,8 +31,8 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(demo, tmp_path_factory):
-    from configs import tiny
     from grad_jax import train
+    from grad_jax.configs import tiny
 
     config = tiny.get_config()
     config.data.dataset = "folder"
@@ -47,7 +46,7 @@ def run_dir(demo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(run_dir):
-    out = wd.load_trained(run_dir)
+    out = run_folder.load_trained(run_dir)
     assert out.threshold is not None and out.threshold > 0  # 1 of 8 images held out
     return out
 
@@ -250,7 +249,7 @@ def test_cli_scores_match_predict_fn_and_api(good_run, good_dir, trained, predic
     _, rows = _read_csv(out)
     cli_scores = {r[0]: float(r[1]) for r in rows}
     batch = np.stack([_resize(_expected_rgb(good_dir / k), SIZE) for k in GOOD_KEYS])
-    expected = evaluate.make_predict_fn(trained.variables, trained.config)(batch)
+    expected = inference.make_predict_fn(trained.variables, trained.config)(batch)
     got = [cli_scores[k] for k in GOOD_KEYS]
     np.testing.assert_allclose(got, expected["score"], rtol=1e-5, atol=1e-6)
     with np.load(out / "maps.npz") as maps:

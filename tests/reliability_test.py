@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import tfds_mvtec
-from grad_jax import checkpointing, input_pipeline, train, workdir
+from grad_jax import checkpointing, errors, input_pipeline, run_folder, train
 from tests.conftest import ROOT, tiny_category
 from tests.train_worker import tiny_config
 
@@ -215,7 +215,7 @@ def test_sigkill_at_random_moments_loses_nothing(data, trained, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"resuming from step {resume_from}" in done.stderr
     assert _losses(killed) == _losses(reference)
-    a, b = (workdir.load_trained(r) for r in (killed, reference))
+    a, b = (run_folder.load_trained(r) for r in (killed, reference))
     assert a.step == b.step == total
     for x, y in (
         (a.variables.params, b.variables.params),
@@ -295,7 +295,7 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(trained, tmp_path, 
             with open(os.path.join(dirpath, name), "r+b") as f:
                 f.truncate(max(0, os.path.getsize(os.path.join(dirpath, name)) // 3))
     with caplog.at_level(logging.WARNING):
-        trained = workdir.load_trained(run)
+        trained = run_folder.load_trained(run)
     assert trained.step == steps[0]
     assert any("damaged" in r.message or "unreadable" in r.message for r in caplog.records)
 
@@ -317,14 +317,14 @@ def test_nan_loss_names_step_and_files_and_keeps_checkpoint(data, tmp_path, monk
     monkeypatch.setattr(train, "_cached_batches", poisoned)
     run = str(tmp_path / "nan")
     config = tiny_config(*data, epochs=2)
-    with pytest.raises(train.NonFiniteLossError) as err:
+    with pytest.raises(errors.NonFiniteLossError) as err:
         train.train_and_evaluate(config, run)
     message = str(err.value)
     assert "step" in message and poisoned_name[0] in message
     bad_step = int(message.split("step ")[1].split()[0])
     assert bad_step > 4
     assert checkpointing.Checkpoints(run).steps() == [4]  # epoch 1's checkpoint, kept
-    kept = workdir.load_trained(run)
+    kept = run_folder.load_trained(run)
     assert kept.step == 4
     assert all(np.isfinite(np.asarray(v)).all() for v in kept.variables.params.values())
 

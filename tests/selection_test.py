@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from configs import tiny
-from grad_jax import input_pipeline, selection, train
+from grad_jax import input_pipeline, run_folder, selection, train
 from grad_jax import synthetic_defects as sd
+from grad_jax.configs import tiny
 from tests.conftest import tiny_category
 
 
@@ -197,10 +197,8 @@ def test_winner_continues_from_its_probe(category, tmp_path):
     plain.select = ""
     train.train_and_evaluate(plain, str(tmp_path / "plain"))
 
-    from grad_jax import workdir as wd
-
-    a = wd.load_trained(str(selected)).variables
-    b = wd.load_trained(str(tmp_path / "plain")).variables
+    a = run_folder.load_trained(str(selected)).variables
+    b = run_folder.load_trained(str(tmp_path / "plain")).variables
     for key, value in b.params.items():
         np.testing.assert_allclose(np.asarray(a.params[key]), np.asarray(value), rtol=1e-5)
     losses = [json.loads(x)["loss"] for x in (selected / "metrics.jsonl").read_text().splitlines()]

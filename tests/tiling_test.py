@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from configs import tiny
-from grad_jax import evaluate, input_pipeline, predict, tiling, train
+from grad_jax import errors, evaluate, inference, input_pipeline, predict, tiling, train
+from grad_jax.config import validate_config
+from grad_jax.configs import tiny
 
 SIDE = 2048
 RADIUS = 48  # defect radius in native pixels
@@ -59,8 +60,8 @@ def test_tile_config_is_validated():
     config.data.tile.size = 100
     config.data.tile.overlap = 100
     config.data.tile.scale = 0.0
-    with pytest.raises(train.ConfigError) as err:
-        train.validate_config(config)
+    with pytest.raises(errors.ConfigError) as err:
+        validate_config(config)
     for key in ("data.tile.size=100", "data.tile.overlap=100", "data.tile.scale=0.0"):
         assert key in str(err.value)
 
@@ -202,6 +203,6 @@ def test_tiled_run_evaluates_stitched_maps_and_predicts_at_the_original_size(hig
     assert size == (SIDE // 4, SIDE // 4)
     source = input_pipeline.IndexedSource(tests, items, size, ["highres"])
     k = next(i for i in range(len(source)) if source[i]["filename"].endswith("flat/001.png"))
-    tiled_fn = evaluate.make_tiled_predict_fn(predictor._predict_fn, predictor.config)
+    tiled_fn = inference.make_tiled_predict_fn(predictor._predict_fn, predictor.config)
     want = tiled_fn(source[k]["image"][None])
     assert got.score == pytest.approx(float(want["score"][0]), rel=1e-5)

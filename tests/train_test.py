@@ -16,14 +16,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grad_jax import checkpointing, evaluate, train
-from grad_jax.models.model import build_model
+from grad_jax import checkpointing, errors, evaluate, run_records, train
+from grad_jax.models.model import ModelVariables, build_model
 from grad_jax.optim import make_optimizer
-from grad_jax.workdir import ModelVariables
+from grad_jax.train_state import TrainState
 from tests.conftest import ROOT, tiny_category
 from tests.train_worker import record_scores, tiny_config
 
@@ -66,16 +65,14 @@ def reference_run(data, tmp_path_factory):
 
 
 def final_checkpoint(workdir, config):
-    """(step, {'model', 'train'} items, meta) of the newest checkpoint, read-only."""
+    """(step, train state, meta) of the newest checkpoint, read-only."""
     variables = ModelVariables.from_model(build_model(config))
     tx, _ = make_optimizer(config.train, 1, variables.params)
-    templates = {
-        "model": {"params": variables.params, "batch_stats": variables.batch_stats},
-        "train": {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(variables.params)},
-    }
+    state = TrainState.create(variables.params, variables.batch_stats, tx)
     ckpt = checkpointing.Checkpoints(workdir, read_only=True)
     try:
-        return ckpt.restore(templates, config)
+        step, state, _, meta = ckpt.restore_training(state, variables.backbone, config)
+        return step, state, meta
     finally:
         ckpt.close()
 
@@ -141,7 +138,7 @@ def test_run_records_and_eval_mode(reference_run, data):
 def _stop_at_step(n):
     """A StopFlag whose request is seen in the batch of step `n` (1-based)."""
 
-    class StopAt(train.StopFlag):
+    class StopAt(run_records.StopFlag):
         calls = 0
 
         def requested(self):
@@ -155,7 +152,7 @@ def test_interrupted_run_resumes_exactly(reference_run, data, tmp_path, monkeypa
     ref_dir, _ = reference_run
     workdir = str(tmp_path / "resumed")
     monkeypatch.setattr(train, "StopFlag", _stop_at_step(4))  # the first step of epoch 2
-    with pytest.raises(train.Interrupted, match="stopped at step 5"):
+    with pytest.raises(errors.Interrupted, match="stopped at step 5"):
         run_in_process(config_for(data), workdir)
     assert checkpointing.Checkpoints(workdir).steps() == [3, 5]  # epoch 1's end, the stop
     monkeypatch.undo()
@@ -170,7 +167,7 @@ def test_interrupt_at_the_last_step_finishes_on_rerun(reference_run, data, tmp_p
     ref_dir, _ = reference_run
     workdir = str(tmp_path / "last")
     monkeypatch.setattr(train, "StopFlag", _stop_at_step(STEPS))
-    with pytest.raises(train.Interrupted, match="training is complete"):
+    with pytest.raises(errors.Interrupted, match="training is complete"):
         run_in_process(config_for(data), workdir)
     monkeypatch.undo()
     run_in_process(config_for(data), workdir)  # evaluates; training is not repeated
@@ -185,10 +182,10 @@ def test_final_save_replaces_a_non_final_checkpoint_of_the_last_step(reference_r
     workdir = str(tmp_path / "legacy")
     shutil.copytree(ref_dir, workdir)
     ckpt = checkpointing.Checkpoints(workdir)
-    step, items, meta = final_checkpoint(workdir, config_for(data))
+    step, state, meta = final_checkpoint(workdir, config_for(data))
     ckpt.delete(step)
     backbone = ModelVariables.from_model(build_model(config_for(data))).backbone
-    ckpt.save(step, {**items, "backbone": backbone}, {**meta, "final": False})
+    ckpt.save(step, state, backbone, config_for(data), {**meta, "final": False})
     ckpt.close()
     run_in_process(config_for(data), workdir)
     assert final_checkpoint(workdir, config_for(data))[2]["final"]

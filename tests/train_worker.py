@@ -17,8 +17,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from configs import tiny  # noqa: E402
 from grad_jax import cli, evaluate, train  # noqa: E402
+from grad_jax.configs import tiny  # noqa: E402
 
 
 def tiny_config(root: str, data_dir: str, epochs: int, holdout: float = 0.0, bn_group: int = 0):

@@ -1,12 +1,15 @@
 """build_model(config): frozen EfficientNet backbone + MFCN neck + CRAD head, as one NNX module.
 
 The model has no file I/O: it is built with random weights; pretrained backbone weights are put
-in by `grad_jax.convert` and trained weights by `grad_jax.checkpointing`.
+in by `grad_jax.weights` and trained weights by `grad_jax.checkpointing`. `ModelVariables` is its
+functional view: a graph definition and flat variable dicts, the form jitted code works on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +159,35 @@ def from_flat(template: nnx.State, flat: dict[str, jax.Array]) -> nnx.State:
     for path, var in nnx.to_flat_state(template):
         items.append((path, var.replace(flat[".".join(map(str, path))])))
     return nnx.from_flat_state(items)
+
+
+@dataclasses.dataclass
+class ModelVariables:
+    """A model as a graph definition plus flat variable dicts (the functional boundary)."""
+
+    graphdef: Any
+    templates: tuple[Any, Any, Any]  # nnx.State of backbone, params, batch stats
+    backbone: dict[str, jax.Array]
+    params: dict[str, jax.Array]
+    batch_stats: dict[str, jax.Array]
+
+    @classmethod
+    def from_model(cls, model: GradModel) -> ModelVariables:
+        graphdef, backbone, params, stats = split_model(model)
+        return cls(
+            graphdef, (backbone, params, stats), to_flat(backbone), to_flat(params), to_flat(stats)
+        )
+
+    def replace(self, **changes: Any) -> ModelVariables:
+        """A copy with some of `backbone`, `params`, `batch_stats` replaced."""
+        return dataclasses.replace(self, **changes)
+
+    def merge(self, backbone=None, params=None, batch_stats=None) -> GradModel:
+        """A module from flat dicts (defaults: the stored ones); usable inside jit."""
+        tb, tp, ts = self.templates
+        return merge(
+            self.graphdef,
+            from_flat(tb, self.backbone if backbone is None else backbone),
+            from_flat(tp, self.params if params is None else params),
+            from_flat(ts, self.batch_stats if batch_stats is None else batch_stats),
+        )

@@ -1,6 +1,6 @@
 """A tiny model for tests and smoke runs: random backbone, 64-px images, narrow head."""
 
-from configs import default
+from grad_jax.configs import default
 
 
 def get_config():

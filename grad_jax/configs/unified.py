@@ -6,7 +6,7 @@ The reference trains on 4 GPUs x 16 images with unsynchronised BN: the global ba
 statistics are taken per group of 16.
 """
 
-from configs import default
+from grad_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """CRAD-S: the unified model with expansion width 216 (experiments/config_crad-s.yaml)."""
 
-from configs import unified
+from grad_jax.configs import unified
 
 
 def get_config():

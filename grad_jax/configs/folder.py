@@ -5,7 +5,7 @@ the backbone (2C = 304) with expansion C = 152, the reference's optimiser and sc
 50 epochs: the setting of the official-code comparison on Magnetic Tile (design notes).
 """
 
-from configs import default
+from grad_jax.configs import default
 
 
 def get_config():

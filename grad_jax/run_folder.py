@@ -1,4 +1,5 @@
-"""A run's folder: its config, its model variables, and loading a trained model for inference.
+"""A run folder: its config file, and the models it holds (new for training, trained for
+inference).
 
 <workdir>/config.json      the full config of the run (written when training starts)
 <workdir>/checkpoints/     Orbax checkpoints (see checkpointing.py)
@@ -14,28 +15,27 @@ import json
 import os
 from typing import Any
 
-import jax
 import ml_collections
 
-from grad_jax import checkpointing, convert
-from grad_jax.models.model import GradModel, build_model, from_flat, merge, split_model, to_flat
+from grad_jax import checkpointing, weights
+from grad_jax.errors import RunFolderError
+from grad_jax.files import atomic_write_text
+from grad_jax.models.model import GradModel, ModelVariables, build_model
 
 CONFIG_FILE = "config.json"
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(
+        os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=1, sort_keys=True)
+    )
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise RunFolderError(
             f"{path} not found: {workdir} is not a grad_jax run folder (train one with "
             "python -m grad_jax.main --config=... --workdir=DIR, or convert an official CRAD "
             "checkpoint with python -m grad_jax.convert)"
@@ -57,36 +57,8 @@ def create_model(config: ml_collections.ConfigDict) -> GradModel:
     """A model with the configured pretrained backbone (or a random one if asked explicitly)."""
     model = build_model(config, seed=config.seed)
     if not config.model.random_backbone:
-        convert.load_backbone(model, config.model.backbone, config.model.backbone_weights)
+        weights.load_backbone(model, config.model.backbone, config.model.backbone_weights)
     return model
-
-
-@dataclasses.dataclass
-class ModelVariables:
-    """A model as a graph definition plus flat variable dicts (the functional boundary)."""
-
-    graphdef: Any
-    templates: tuple[Any, Any, Any]  # nnx.State of backbone, params, batch stats
-    backbone: dict[str, jax.Array]
-    params: dict[str, jax.Array]
-    batch_stats: dict[str, jax.Array]
-
-    @classmethod
-    def from_model(cls, model: GradModel) -> ModelVariables:
-        graphdef, backbone, params, stats = split_model(model)
-        return cls(
-            graphdef, (backbone, params, stats), to_flat(backbone), to_flat(params), to_flat(stats)
-        )
-
-    def merge(self, backbone=None, params=None, batch_stats=None) -> GradModel:
-        """A module from flat dicts (defaults: the stored ones); usable inside jit."""
-        tb, tp, ts = self.templates
-        return merge(
-            self.graphdef,
-            from_flat(tb, self.backbone if backbone is None else backbone),
-            from_flat(tp, self.params if params is None else params),
-            from_flat(ts, self.batch_stats if batch_stats is None else batch_stats),
-        )
 
 
 @dataclasses.dataclass
@@ -108,23 +80,24 @@ def load_trained(
     """The model of a run folder (latest readable checkpoint, or `step`), for inference.
 
     `config` (default: the run's config.json) must describe the same model; the checkpoint's
-    fingerprint is checked against it.
+    fingerprint is checked against it. Read-only: safe beside a training job that is saving.
     """
     config = read_config(workdir) if config is None else config.copy_and_resolve_references()
-    config.model.random_backbone = True  # the checkpoint holds the backbone
+    # Random weights: the checkpoint holds the backbone.
     variables = ModelVariables.from_model(build_model(config, seed=config.seed))
     ckpt = checkpointing.Checkpoints(workdir, read_only=True)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(
-            f"{ckpt.directory} holds no checkpoint yet: train first, or wait for the first save"
-        )
-    templates = {
-        "model": {"params": variables.params, "batch_stats": variables.batch_stats},
-        "backbone": variables.backbone,
-    }
-    step, items, meta = ckpt.restore(templates, config, step)
-    ckpt.close()
-    variables.params = items["model"]["params"]
-    variables.batch_stats = items["model"]["batch_stats"]
-    variables.backbone = items["backbone"]
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise RunFolderError(
+                f"{ckpt.directory} holds no checkpoint yet: train first, or wait for the first save"
+            )
+        if step is not None and int(step) not in steps:
+            have = ", ".join(map(str, steps))
+            raise RunFolderError(
+                f"{workdir} has no checkpoint of step {step} (available steps: {have})"
+            )
+        step, variables, meta = ckpt.restore_model(variables, config, step)
+    finally:
+        ckpt.close()
     return TrainedModel(config, variables, step, meta)
