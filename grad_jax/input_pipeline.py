@@ -77,9 +77,9 @@ def open_categories(config: ml_collections.ConfigDict) -> list[CategoryData]:
         targets = [(c, c) for c in d.categories]
     elif d.dataset in ("folder", "demo"):
         if d.dataset == "demo":
-            from grad_jax import demo_data
+            from grad_jax import demo
 
-            root = demo_data.ensure_demo_dataset(d.root)
+            root = demo.ensure_demo_dataset(d.root)
         else:
             if not d.root:
                 raise DataNotFoundError(

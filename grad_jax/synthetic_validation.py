@@ -78,9 +78,9 @@ def category_roots(config: ml_collections.ConfigDict) -> list[pathlib.Path]:
     """The category folders of a 'folder' or 'demo' config (as `open_categories` finds them)."""
     d = config.data
     if d.dataset == "demo":
-        from grad_jax import demo_data
+        from grad_jax import demo
 
-        root = demo_data.ensure_demo_dataset(d.root)
+        root = demo.ensure_demo_dataset(d.root)
     elif d.dataset == "folder":
         if not d.root or not pathlib.Path(d.root).is_dir():
             raise SelectionError(

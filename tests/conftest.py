@@ -50,9 +50,9 @@ def require_magnetic_tile():
 
 def tiny_category(base, num_train=8, num_test_good=2, num_test_defect=1):
     """A small generated MVTec-layout category (80 px hex nuts) under `base`; returns its path."""
-    from grad_jax import demo_data
+    from grad_jax import demo
 
-    demo_data.generate_demo_dataset(
+    demo.generate_demo_dataset(
         base,
         classes=("hex_nut",),
         num_train=num_train,

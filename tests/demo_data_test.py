@@ -1,4 +1,4 @@
-"""Tests for the embedded synthetic demo dataset (grad_jax.demo_data)."""
+"""Tests for the embedded synthetic demo dataset (grad_jax.demo)."""
 
 import hashlib
 import json
@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from grad_jax import demo_data as dd
+from grad_jax import demo
+from grad_jax.demo import build
+from grad_jax.demo.defects import CLASS_SPECS
 
 SMALL = dict(num_train=3, num_test_good=2, num_test_defect=2, image_size=64)
 
@@ -30,23 +32,23 @@ def _hashes(root: pathlib.Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def small_build(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("demo_a") / "demo"
-    return dd.generate_demo_dataset(root, progress=False, **SMALL)
+    return demo.generate_demo_dataset(root, progress=False, **SMALL)
 
 
 def test_registry_has_textures_objects_and_three_defects_each():
-    kinds = {dd._SPECS[c].kind for c in dd.DEMO_CLASSES}
+    kinds = {CLASS_SPECS[c].kind for c in demo.DEMO_CLASSES}
     assert kinds == {"texture", "object"}
-    assert len(dd.DEMO_CLASSES) >= 4
-    for cls in dd.DEMO_CLASSES:
-        assert len(dd.DEMO_DEFECTS[cls]) >= 3, cls
-        assert "good" not in dd.DEMO_DEFECTS[cls]
+    assert len(demo.DEMO_CLASSES) >= 4
+    for cls in demo.DEMO_CLASSES:
+        assert len(demo.DEMO_DEFECTS[cls]) >= 3, cls
+        assert "good" not in demo.DEMO_DEFECTS[cls]
 
 
 def test_layout_counts_and_masks(small_build):
     root = small_build
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(dd.DEMO_CLASSES)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(demo.DEMO_CLASSES)
     size = SMALL["image_size"]
-    for cls in dd.DEMO_CLASSES:
+    for cls in demo.DEMO_CLASSES:
         base = root / cls
         want = [f"{i:03d}.png" for i in range(SMALL["num_train"])]
         assert _pngs(base / "train" / "good") == want
@@ -54,7 +56,7 @@ def test_layout_counts_and_masks(small_build):
         want = [f"{i:03d}.png" for i in range(SMALL["num_test_good"])]
         assert _pngs(base / "test" / "good") == want
         defects = sorted(p.name for p in (base / "test").iterdir() if p.name != "good")
-        assert defects == sorted(dd.DEMO_DEFECTS[cls])
+        assert defects == sorted(demo.DEMO_DEFECTS[cls])
         assert sorted(p.name for p in (base / "ground_truth").iterdir()) == defects
         for d in defects:
             images = _pngs(base / "test" / d)
@@ -76,25 +78,25 @@ def test_layout_counts_and_masks(small_build):
 
 def test_marker_and_readme(small_build):
     marker = json.loads((small_build / ".complete").read_text())
-    assert marker["version"] == dd.DEMO_VERSION
-    assert marker["classes"] == list(dd.DEMO_CLASSES)
+    assert marker["version"] == demo.DEMO_VERSION
+    assert marker["classes"] == list(demo.DEMO_CLASSES)
     for key, value in SMALL.items():
         assert marker[key] == value
     n_files = len(list(small_build.rglob("*.png")))
     n_masks = len(list(small_build.rglob("*_mask.png")))
     assert marker["num_images"] == n_files - n_masks
     readme = (small_build / "README.txt").read_text()
-    for cls in dd.DEMO_CLASSES:
+    for cls in demo.DEMO_CLASSES:
         assert cls in readme
-        for d in dd.DEMO_DEFECTS[cls]:
+        for d in demo.DEMO_DEFECTS[cls]:
             assert d in readme
 
 
 def test_build_is_byte_identical_and_per_image_seeded(small_build, tmp_path):
-    again = dd.generate_demo_dataset(tmp_path / "b", progress=False, **SMALL)
+    again = demo.generate_demo_dataset(tmp_path / "b", progress=False, **SMALL)
     assert _hashes(again) == _hashes(small_build)
     # A partial build (one class, fewer images) gives the very same files for what it has.
-    part = dd.generate_demo_dataset(
+    part = demo.generate_demo_dataset(
         tmp_path / "c", classes=["wood"], progress=False, **{**SMALL, "num_train": 2}
     )
     ref = _hashes(small_build)
@@ -102,7 +104,7 @@ def test_build_is_byte_identical_and_per_image_seeded(small_build, tmp_path):
         if rel.endswith(".png"):
             assert ref[rel] == digest, rel
     # ... and the seed matters.
-    other = dd.generate_demo_dataset(
+    other = demo.generate_demo_dataset(
         tmp_path / "d", classes=["wood"], seed=1, progress=False, **SMALL
     )
     same = [rel for rel, h in _hashes(other).items() if rel.endswith(".png") and ref[rel] == h]
@@ -110,27 +112,27 @@ def test_build_is_byte_identical_and_per_image_seeded(small_build, tmp_path):
 
 
 def test_files_are_what_the_renderer_makes(small_build):
-    for cls in dd.DEMO_CLASSES:
-        d = dd.DEMO_DEFECTS[cls][0]
-        _, image, mask = dd._render_sample(cls, "test", d, 1, image_size=SMALL["image_size"])
+    for cls in demo.DEMO_CLASSES:
+        d = demo.DEMO_DEFECTS[cls][0]
+        _, image, mask = build._render_sample(cls, "test", d, 1, image_size=SMALL["image_size"])
         on_disk = np.asarray(Image.open(small_build / cls / "test" / d / "001.png"))
         np.testing.assert_array_equal(on_disk, image)
         gt = np.asarray(Image.open(small_build / cls / "ground_truth" / d / "001_mask.png"))
         np.testing.assert_array_equal(gt, mask)
-        clean, image, none = dd._render_sample(cls, "train", "good", 2, image_size=64)
+        clean, image, none = build._render_sample(cls, "train", "good", 2, image_size=64)
         assert none is None
         np.testing.assert_array_equal(clean, image)
         on_disk = np.asarray(Image.open(small_build / cls / "train" / "good" / "002.png"))
         np.testing.assert_array_equal(on_disk, image)
 
 
-@pytest.mark.parametrize("cls", dd.DEMO_CLASSES)
+@pytest.mark.parametrize("cls", demo.DEMO_CLASSES)
 def test_masks_are_exact(cls):
     """The defect changes the image only inside its mask (up to a 2 px rim), strongly."""
     size = 128
-    for d in dd.DEMO_DEFECTS[cls]:
+    for d in demo.DEMO_DEFECTS[cls]:
         for index in range(3):
-            clean, image, mask = dd._render_sample(cls, "test", d, index, image_size=size)
+            clean, image, mask = build._render_sample(cls, "test", d, index, image_size=size)
             diff = np.abs(clean.astype(np.int16) - image.astype(np.int16)).max(axis=-1)
             m = mask > 0
             assert m.sum() >= 12, (cls, d, index)
@@ -143,10 +145,10 @@ def test_masks_are_exact(cls):
             assert clean.std() > 5
 
 
-@pytest.mark.parametrize("cls", dd.DEMO_CLASSES)
+@pytest.mark.parametrize("cls", demo.DEMO_CLASSES)
 def test_normal_images_vary(cls):
     imgs = np.stack(
-        [dd._render_sample(cls, "train", "good", i, image_size=64)[1] for i in range(6)]
+        [build._render_sample(cls, "train", "good", i, image_size=64)[1] for i in range(6)]
     )
     per_pixel_std = imgs.astype(np.float64).std(axis=0).mean()
     assert per_pixel_std > 4.0, per_pixel_std
@@ -156,11 +158,11 @@ def test_normal_images_vary(cls):
 
 @pytest.fixture
 def tiny_defaults(monkeypatch):
-    monkeypatch.setattr(dd, "DEMO_CLASSES", ("wood", "capsule"))
-    monkeypatch.setattr(dd, "DEFAULT_NUM_TRAIN", 2)
-    monkeypatch.setattr(dd, "DEFAULT_NUM_TEST_GOOD", 1)
-    monkeypatch.setattr(dd, "DEFAULT_NUM_TEST_DEFECT", 1)
-    monkeypatch.setattr(dd, "DEFAULT_IMAGE_SIZE", 48)
+    monkeypatch.setattr(build, "DEMO_CLASSES", ("wood", "capsule"))
+    monkeypatch.setattr(build, "DEFAULT_NUM_TRAIN", 2)
+    monkeypatch.setattr(build, "DEFAULT_NUM_TEST_GOOD", 1)
+    monkeypatch.setattr(build, "DEFAULT_NUM_TEST_DEFECT", 1)
+    monkeypatch.setattr(build, "DEFAULT_IMAGE_SIZE", 48)
 
 
 def _mtimes(root: pathlib.Path) -> dict[str, int]:
@@ -169,30 +171,30 @@ def _mtimes(root: pathlib.Path) -> dict[str, int]:
 
 def test_ensure_builds_once_then_reuses(tiny_defaults, tmp_path):
     root = tmp_path / "cache" / "demo"
-    assert dd.ensure_demo_dataset(root, progress=False) == root
+    assert demo.ensure_demo_dataset(root, progress=False) == root
     marker = json.loads((root / ".complete").read_text())
     assert marker["image_size"] == 48 and marker["classes"] == ["wood", "capsule"]
     before, inode = _mtimes(root), root.stat().st_ino
-    assert dd.ensure_demo_dataset(root, progress=False) == root
+    assert demo.ensure_demo_dataset(root, progress=False) == root
     assert _mtimes(root) == before and root.stat().st_ino == inode
     assert [p.name for p in root.parent.iterdir()] == ["demo"]  # no leftovers
 
 
 def test_ensure_rebuilds_without_marker_or_with_stale_marker(tiny_defaults, tmp_path):
     root = tmp_path / "demo"
-    dd.ensure_demo_dataset(root, progress=False)
+    demo.ensure_demo_dataset(root, progress=False)
     reference = _hashes(root)
     (root / ".complete").unlink()
     (root / "wood" / "train" / "good" / "001.png").unlink()  # looks like an interrupted build
     inode = root.stat().st_ino
-    dd.ensure_demo_dataset(root, progress=False)
+    demo.ensure_demo_dataset(root, progress=False)
     assert root.stat().st_ino != inode
     assert _hashes(root) == reference
     stale = json.loads((root / ".complete").read_text())
     stale["version"] = "v0"
     (root / ".complete").write_text(json.dumps(stale))
     inode = root.stat().st_ino
-    dd.ensure_demo_dataset(root, progress=False)
+    demo.ensure_demo_dataset(root, progress=False)
     assert root.stat().st_ino != inode
     assert _hashes(root) == reference
 
@@ -200,7 +202,7 @@ def test_ensure_rebuilds_without_marker_or_with_stale_marker(tiny_defaults, tmp_
 def test_interrupted_build_leaves_nothing_that_looks_complete(tiny_defaults, tmp_path, monkeypatch):
     root = tmp_path / "demo"
     calls = {"n": 0}
-    real_save = dd._save_png
+    real_save = build._save_png
 
     def failing_save(path, arr):
         calls["n"] += 1
@@ -208,13 +210,13 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tiny_defaults, tmp
             raise KeyboardInterrupt
         real_save(path, arr)
 
-    monkeypatch.setattr(dd, "_save_png", failing_save)
+    monkeypatch.setattr(build, "_save_png", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        dd.ensure_demo_dataset(root, progress=False)
+        demo.ensure_demo_dataset(root, progress=False)
     assert not root.exists()
     assert list(tmp_path.iterdir()) == []  # the temporary folder is cleaned up too
-    monkeypatch.setattr(dd, "_save_png", real_save)
-    dd.ensure_demo_dataset(root, progress=False)
+    monkeypatch.setattr(build, "_save_png", real_save)
+    demo.ensure_demo_dataset(root, progress=False)
     assert (root / ".complete").is_file()
 
 
@@ -223,43 +225,43 @@ def test_refuses_to_replace_an_unrelated_folder(tmp_path):
     root.mkdir()
     (root / "thesis.tex").write_text("do not delete")
     with pytest.raises(FileExistsError):
-        dd.generate_demo_dataset(root, classes=["wood"], progress=False, **SMALL)
+        demo.generate_demo_dataset(root, classes=["wood"], progress=False, **SMALL)
     assert (root / "thesis.tex").read_text() == "do not delete"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("GRAD_JAX_CACHE", str(tmp_path / "c"))
-    assert dd.default_cache_dir() == tmp_path / "c" / "demo" / dd.DEMO_VERSION
+    assert demo.default_cache_dir() == tmp_path / "c" / "demo" / demo.DEMO_VERSION
     monkeypatch.delenv("GRAD_JAX_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    expected = tmp_path / "home" / ".cache" / "grad_jax" / "demo" / dd.DEMO_VERSION
-    assert dd.default_cache_dir() == expected
+    expected = tmp_path / "home" / ".cache" / "grad_jax" / "demo" / demo.DEMO_VERSION
+    assert demo.default_cache_dir() == expected
 
 
 def test_ensure_uses_default_cache_dir(tiny_defaults, monkeypatch, tmp_path):
     monkeypatch.setenv("GRAD_JAX_CACHE", str(tmp_path))
-    root = dd.ensure_demo_dataset(progress=False)
-    assert root == tmp_path / "demo" / dd.DEMO_VERSION
+    root = demo.ensure_demo_dataset(progress=False)
+    assert root == tmp_path / "demo" / demo.DEMO_VERSION
     assert (root / ".complete").is_file()
 
 
 def test_progress_bar(tmp_path, capsys):
-    dd.generate_demo_dataset(tmp_path / "p", classes=["capsule"], progress=True, **SMALL)
+    demo.generate_demo_dataset(tmp_path / "p", classes=["capsule"], progress=True, **SMALL)
     err = capsys.readouterr().err
     n = SMALL["num_train"] + SMALL["num_test_good"] + 3 * SMALL["num_test_defect"]
     assert f"{n}/{n}" in err
-    dd.generate_demo_dataset(tmp_path / "q", classes=["capsule"], progress=False, **SMALL)
+    demo.generate_demo_dataset(tmp_path / "q", classes=["capsule"], progress=False, **SMALL)
     assert capsys.readouterr().err == ""
 
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError):
-        dd.generate_demo_dataset(tmp_path / "x", classes=["zebra"], progress=False)
+        demo.generate_demo_dataset(tmp_path / "x", classes=["zebra"], progress=False)
     with pytest.raises(ValueError):
-        dd.generate_demo_dataset(tmp_path / "x", num_train=-1, progress=False)
+        demo.generate_demo_dataset(tmp_path / "x", num_train=-1, progress=False)
     with pytest.raises(ValueError):
-        dd.generate_demo_dataset(tmp_path / "x", image_size=8, progress=False)
+        demo.generate_demo_dataset(tmp_path / "x", image_size=8, progress=False)
     assert not (tmp_path / "x").exists()
 
 

@@ -21,10 +21,10 @@ HEAVY = ("flax", "optax", "orbax", "tensorflow_datasets", "grain", "ml_collectio
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from grad_jax import demo_data
+    from grad_jax import demo
 
     base = tmp_path_factory.mktemp("data")
-    demo_data.generate_demo_dataset(
+    demo.generate_demo_dataset(
         base, classes=CLASSES, num_train=8, num_test_good=1, num_test_defect=1,
         image_size=80, progress=False,
     )  # fmt: skip
