@@ -360,9 +360,9 @@ def publish(
         print(metrics.format_table(values))
         for note in notes:
             print("note:", note)
-        from grad_jax import visualize
+        from grad_jax.report import write_report  # matplotlib: loaded only to write a report
 
-        visualize.write_report(workdir, results, values, info.get("threshold"))
+        write_report(workdir, results, values, info.get("threshold"))
     return values
 
 

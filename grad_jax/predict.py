@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from grad_jax import heatmap, input_pipeline
 from grad_jax import images as image_lib
-from grad_jax import input_pipeline, visualize
 from grad_jax.decisions import Decisions, Prediction
 from grad_jax.images import read_image, to_rgb8
 from tfds_mvtec.mvtec_ad import layout
@@ -407,7 +407,7 @@ def _upsample(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _write_overlay(path: str, image: np.ndarray, anomaly_map: np.ndarray, vmin, vmax) -> None:
-    blended = visualize.overlay(image, _upsample(anomaly_map, image.shape[:2]), vmin, vmax)
+    blended = heatmap.overlay(image, _upsample(anomaly_map, image.shape[:2]), vmin, vmax)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     buffer = io.BytesIO()
     Image.fromarray(blended).save(buffer, format="PNG")
