@@ -21,6 +21,7 @@ from grad_jax import inference, input_pipeline, metrics, run_folder, sharding
 from grad_jax.config import AUTO_SIZE, tiling_on, validate_config
 from grad_jax.decisions import nearest_centre
 from grad_jax.files import atomic_write_json
+from grad_jax.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +218,7 @@ def publish(
         print(metrics.format_table(values))
         for note in notes:
             print("note:", note)
-        from grad_jax import visualize
-
-        visualize.write_report(workdir, results, values, info.get("threshold"))
+        write_report(workdir, results, values, info.get("threshold"))
     return values
 
 

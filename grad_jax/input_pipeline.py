@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 import tfds_mvtec
-from grad_jax import sharding, tiling
+from grad_jax import demo, sharding, tiling
 from grad_jax.config import AUTO_SIZE, image_stride, tiling_on
 from grad_jax.errors import ConfigError, DataLayoutError, DataNotFoundError
 from grad_jax.images import resize_image
@@ -77,8 +77,6 @@ def open_categories(config: ml_collections.ConfigDict) -> list[CategoryData]:
         targets = [(c, c) for c in d.categories]
     elif d.dataset in ("folder", "demo"):
         if d.dataset == "demo":
-            from grad_jax import demo
-
             root = demo.ensure_demo_dataset(d.root)
         else:
             if not d.root:

@@ -37,6 +37,7 @@ __all__ = [
     "false_alarm_rate",
     "format_table",
     "pro_curve",
+    "pro_curve_is_sampled",
     "roc_curve",
 ]
 
@@ -450,20 +451,73 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     return _aupro_from_ranking(ranking, n_regions, fpr_limit, *_cumulative_counts(ranking))
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve_is_sampled(num_pixels: int, max_pixels: int | None) -> bool:
+    """Whether :func:`pro_curve` estimates the curve of ``num_pixels`` pixels from a sample."""
+    return max_pixels is not None and num_pixels > max_pixels
+
+
+def _sample_pixels(
+    region_ids: np.ndarray, maps: np.ndarray, max_pixels: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """A seeded uniform sample of about ``max_pixels`` pixels, drawn within each class.
+
+    Every anomalous pixel is kept if they fit in half the budget (else each with probability
+    ``(max_pixels // 2) / n_anomalous``); normal pixels fill the rest of the budget. Needs at
+    least one pixel of each class.
+
+    Args:
+      region_ids: ``[N, H, W]`` region ids of :func:`_regions` (0: normal pixel).
+      maps: same shape, anomaly maps.
+
+    Returns:
+      ``(region_ids, values, n_regions)``: ``[M]`` ids of the kept pixels renumbered 1..n over
+      the regions that kept a pixel (0 still normal), ``[M]`` their map values, and that n.
+    """
+    region_ids, values = region_ids.ravel(), maps.ravel()
+    n_anomalous = int(np.count_nonzero(region_ids))
+    n_normal = region_ids.size - n_anomalous
+    keep_anomalous = min(n_anomalous, max_pixels // 2)
+    keep_normal = min(n_normal, max_pixels - keep_anomalous)
+    draw = np.random.default_rng(seed).random(region_ids.size, dtype=np.float32)
+    rate = np.where(region_ids != 0, keep_anomalous / n_anomalous, keep_normal / n_normal)
+    keep = draw < rate
+    del draw, rate
+    region_ids, values = region_ids[keep], values[keep]
+    present = np.bincount(region_ids, minlength=1) > 0
+    present[0] = False
+    renumber = np.zeros(present.size, dtype=region_ids.dtype)
+    renumber[present] = np.arange(1, np.count_nonzero(present) + 1)
+    return renumber[region_ids], values, int(np.count_nonzero(present))
+
+
+def pro_curve(
+    masks: np.ndarray, maps: np.ndarray, max_pixels: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """The full PRO curve for plotting (see :func:`aupro` for the definitions).
 
     Args:
       masks: ``[N, H, W]`` (or ``[H, W]``) 0/1 or bool ground truth.
       maps: same shape, anomaly maps.
+      max_pixels: None: every pixel counts. Otherwise a stack of more pixels than this (see
+        :func:`pro_curve_is_sampled`) gives an estimate of the curve, for speed, from a seeded
+        uniform sample of about ``max_pixels`` pixels drawn within each class: all anomalous
+        pixels if they fit in half the budget (else a uniform half-budget sample), normal pixels
+        filling the rest. Region sizes, PRO and FPR are then fractions of the sample, and the
+        regions are those that kept a pixel. For plots only: :func:`aupro` uses every pixel.
+      seed: seed of the sample's generator.
 
     Returns:
-      ``(fpr, pro)``, each ``[G + 1]`` float64 for ``G`` distinct map values: ``(0, 0)`` then one
-      point per threshold in decreasing order, ending at ``(1, 1)`` up to rounding; both
-      non-decreasing. Both all nan if there is no region or no normal pixel.
+      ``(fpr, pro)``, each ``[G + 1]`` float64 for ``G`` distinct map values (of the sample):
+      ``(0, 0)`` then one point per threshold in decreasing order, ending at ``(1, 1)`` up to
+      rounding; both non-decreasing. Both all nan if there is no region or no normal pixel.
     """
     maps = _check_maps(masks, maps)
     region_ids, n_regions = _regions(masks)
+    n_normal = region_ids.size - int(np.count_nonzero(region_ids))
+    if n_regions and n_normal and pro_curve_is_sampled(region_ids.size, max_pixels):
+        region_ids, maps, n_regions = _sample_pixels(region_ids, maps, max_pixels, seed)
+        if region_ids.size == 0:  # a budget so small that nothing was drawn: no curve
+            return np.full(1, np.nan), np.full(1, np.nan)
     ranking = _rank(maps, region_ids)
     del region_ids
     tp, fp = _cumulative_counts(ranking)

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from grad_jax import cli, visualize
+from grad_jax import cli, heatmap
 from grad_jax.decisions import Prediction
 from grad_jax.errors import UsageError, UserError
 from grad_jax.files import atomic_write_bytes, remove, temp_name
@@ -144,7 +144,7 @@ class _NpzWriter:
 
 
 def _write_overlay(path: str, image: np.ndarray, anomaly_map: np.ndarray, vmin, vmax) -> None:
-    blended = visualize.overlay(image, upsample_map(anomaly_map, image.shape[:2]), vmin, vmax)
+    blended = heatmap.overlay(image, upsample_map(anomaly_map, image.shape[:2]), vmin, vmax)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     buffer = io.BytesIO()
     Image.fromarray(blended).save(buffer, format="PNG")

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 import tfds_mvtec
-from grad_jax import input_pipeline, metrics
+from grad_jax import demo, input_pipeline, metrics
 from grad_jax import synthetic_defects as sd
 from grad_jax.errors import DataLayoutError, SelectionError
 from tfds_mvtec.mvtec_ad import layout
@@ -78,8 +78,6 @@ def category_roots(config: ml_collections.ConfigDict) -> list[pathlib.Path]:
     """The category folders of a 'folder' or 'demo' config (as `open_categories` finds them)."""
     d = config.data
     if d.dataset == "demo":
-        from grad_jax import demo
-
         root = demo.ensure_demo_dataset(d.root)
     elif d.dataset == "folder":
         if not d.root or not pathlib.Path(d.root).is_dir():

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from grad_jax import visualize
+from grad_jax import heatmap
 from tfds_mvtec.mvtec_ad import layout
 
 
@@ -143,7 +143,7 @@ def overlay_png(
     if heat.shape != image.shape[:2]:
         heat = np.asarray(Image.fromarray(heat).resize(size, Image.BILINEAR))
     buffer = io.BytesIO()
-    Image.fromarray(visualize.overlay(image, heat, vmin, vmax)).save(buffer, format="PNG")
+    Image.fromarray(heatmap.overlay(image, heat, vmin, vmax)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -38,21 +38,40 @@ def _brute_f1(labels, scores):
     return best, best_thr
 
 
-def _brute_pro_points(masks, maps):
-    """(fpr, pro) with the (0, 0) start, one point per distinct map value, labelling per image."""
-    normal = masks == 0
+def _brute_pro_points(masks, maps, keep=None):
+    """(fpr, pro) with the (0, 0) start, one point per distinct map value, labelling per image.
+
+    With `keep` (bool, the shape of `masks`) only those pixels count: regions are still the
+    components of the whole mask, and a region without a kept pixel is left out."""
+    keep = np.ones(masks.shape, bool) if keep is None else keep
+    normal = (masks == 0) & keep
     fprs, pros = [0.0], [0.0]
-    for thr in sorted(set(maps.ravel().tolist()), reverse=True):
-        above = maps >= thr
+    for thr in sorted(set(maps[keep].tolist()), reverse=True):
+        above = (maps >= thr) & keep
         overlaps = []
         for i, mask in enumerate(masks):
             labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))
             for r in range(1, n + 1):
-                region = labelled == r
-                overlaps.append(np.sum(above[i] & region) / np.sum(region))
+                region = (labelled == r) & keep[i]
+                if region.any():
+                    overlaps.append(np.sum(above[i] & region) / np.sum(region))
         pros.append(float(np.mean(overlaps)))
         fprs.append(float(np.sum(above & normal) / np.sum(normal)))
     return np.array(fprs), np.array(pros)
+
+
+def _reference_sample(masks, max_pixels, seed):
+    """The plot's sampling rule, written out: a float32 uniform draw per pixel (C order) from
+    `default_rng(seed)`; every anomalous pixel is kept if they fit in half the budget, else
+    each with probability (budget // 2) / n_anomalous; normal pixels fill the rest."""
+    anomalous = masks != 0
+    n_anomalous = int(anomalous.sum())
+    n_normal = anomalous.size - n_anomalous
+    keep_anomalous = min(n_anomalous, max_pixels // 2)
+    keep_normal = min(n_normal, max_pixels - keep_anomalous)
+    draw = np.random.default_rng(seed).random(masks.size, dtype=np.float32)
+    draw = draw.astype(np.float64).reshape(masks.shape)
+    return np.where(anomalous, draw < keep_anomalous / n_anomalous, draw < keep_normal / n_normal)
 
 
 def _brute_aupro(masks, maps, limit):
@@ -200,6 +219,54 @@ def test_pro_curve_matches_brute_force_and_is_monotonic(levels):
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
     assert (fpr[0], pro[0]) == (0.0, 0.0)
     assert fpr[-1] == 1.0 and pro[-1] == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("levels", [None, 5])
+@pytest.mark.parametrize("max_pixels", [100, 300])
+def test_sampled_pro_curve_is_the_brute_force_curve_of_the_sample(max_pixels, levels):
+    rng = np.random.default_rng(11)
+    masks, maps = _random_masks_and_maps(rng, levels=levels)
+    n_anomalous = int(masks.sum())
+    # one budget keeps every anomalous pixel, the other samples them
+    assert (n_anomalous <= max_pixels // 2) == (max_pixels == 300)
+    assert metrics.pro_curve_is_sampled(masks.size, max_pixels)
+    keep = _reference_sample(masks, max_pixels, seed=3)
+    if max_pixels == 300:
+        assert keep[masks != 0].all()
+    fpr, pro = metrics.pro_curve(masks, maps, max_pixels=max_pixels, seed=3)
+    ref_fpr, ref_pro = _brute_pro_points(masks, maps, keep)
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-12)
+    np.testing.assert_allclose(pro, ref_pro, atol=1e-12)
+    other_fpr, _ = metrics.pro_curve(masks, maps, max_pixels=max_pixels, seed=4)
+    assert not np.array_equal(other_fpr, fpr)  # the seed picks the sample
+
+
+def test_pro_curve_for_plots_is_exact_within_the_budget_and_close_beyond():
+    rng = np.random.default_rng(7)
+    masks = np.zeros((6, 40, 40), np.uint8)
+    masks[0, 5:9, 5:9] = 1
+    masks[0, 20:30, 22:35] = 1
+    masks[3, 10:12, 30:31] = 1
+    maps = rng.random((6, 40, 40)).astype(np.float32) + 0.4 * masks
+    maps[2] = np.round(maps[2], 1)  # ties
+    want_fpr, want_pro = metrics.pro_curve(masks, maps)
+    ref_fpr, ref_pro = _brute_pro_points(masks, maps)
+    np.testing.assert_allclose(want_fpr, ref_fpr, atol=1e-12)
+    np.testing.assert_allclose(want_pro, ref_pro, atol=1e-12)
+    assert not metrics.pro_curve_is_sampled(masks.size, masks.size)
+    fpr, pro = metrics.pro_curve(masks, maps, max_pixels=masks.size)
+    np.testing.assert_array_equal(fpr, want_fpr)
+    np.testing.assert_array_equal(pro, want_pro)
+    # subsampled: an estimate of the same curve
+    assert metrics.pro_curve_is_sampled(masks.size, 3000)
+    fpr, pro = metrics.pro_curve(masks, maps, max_pixels=3000, seed=1)
+    assert fpr.size < want_fpr.size
+    grid = np.linspace(0, 0.3, 301)
+    estimate, exact = np.interp(grid, fpr, pro), np.interp(grid, want_fpr, want_pro)
+    assert np.abs(estimate.mean() - exact.mean()) < 0.02  # ~ the normalised AUPRO
+    assert np.abs(estimate - exact).max() < 0.06
+    fpr, pro = metrics.pro_curve(np.zeros_like(masks), maps, max_pixels=3000)
+    assert np.isnan(fpr).all() and np.isnan(pro).all()
 
 
 def test_aupro_hand_cases():

@@ -64,7 +64,7 @@ def test_full_run_path_uses_the_project_entry_points():
         "tfds_mvtec.prepare(category, TFDS_DATA_DIR, manual_dir=DRIVE_MANUAL_DIR)",
         "train.train_and_evaluate(config, WORKDIR)",
         "Predictor.from_workdir(WORKDIR)",
-        "visualize.overlay(",
+        "heatmap.overlay(",
         "drive.mount(",
         "jax.devices()",
         '"google.colab" in sys.modules',

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import inference, predict, run_folder, visualize
+from grad_jax import heatmap, inference, predict, run_folder
 from tests.conftest import ROOT, tiny_category
 
 SIZE = (64, 64)  # configs/tiny.py
@@ -269,7 +269,7 @@ def test_overlay_is_the_upsampled_raw_map_in_the_threshold_range(good_run, good_
             original = _expected_rgb(good_dir / key)
             h, w = original.shape[:2]
             up = np.asarray(Image.fromarray(maps[key]).resize((w, h), Image.BILINEAR))
-            want = visualize.overlay(original, up, 0.0, 2 * th)
+            want = heatmap.overlay(original, up, 0.0, 2 * th)
             got = np.asarray(Image.open(out / "overlays" / OVERLAY_NAMES[key]))
             np.testing.assert_array_equal(got, want)
 
@@ -396,7 +396,7 @@ def test_without_threshold_overlays_use_the_run_range(predictor, good_dir, tmp_p
         original = _expected_rgb(good_dir / "big.png")
         h, w = original.shape[:2]
         up = np.asarray(Image.fromarray(maps["big.png"]).resize((w, h), Image.BILINEAR))
-        want = visualize.overlay(original, up, lo, hi)
+        want = heatmap.overlay(original, up, lo, hi)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "overlays" / "big.png")), want)
     assert all(p.is_anomalous is None for p in predictor.predict([original]))
 

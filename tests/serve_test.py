@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import batching, predict, served_model, service, uploads, visualize
+from grad_jax import batching, heatmap, predict, served_model, service, uploads
 from grad_jax.decisions import Prediction
 from tfds_mvtec.mvtec_ad import layout
 
@@ -157,7 +157,7 @@ def test_overlay_png(client, predictor, good_files):
         heat = np.asarray(
             Image.fromarray(want.anomaly_map).resize(image.shape[1::-1], Image.BILINEAR)
         )
-        reference = visualize.overlay(shown, heat, 0.0, 2 * predictor.threshold)
+        reference = heatmap.overlay(shown, heat, 0.0, 2 * predictor.threshold)
         assert np.abs(image.astype(int) - reference).max() <= 1, name
     assert max(big["width"], big["height"]) > LIMITS.overlay_side  # it was shrunk
 

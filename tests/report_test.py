@@ -1,4 +1,4 @@
-"""The visual report: files, HTML content, example selection, PRO curve for plots, overlays."""
+"""The visual report (files, HTML content, example selection) and the heat-map overlay."""
 
 import html.parser
 import json
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import metrics, visualize
+from grad_jax import heatmap, metrics
 from grad_jax.evaluate import CategoryEval
+from grad_jax.report import figures, safe_name, write_report
 
 SIZE = 32
 
@@ -89,7 +90,7 @@ def report(tmp_path_factory):
     values = all_metrics(results)
     values["bottle/image_auroc"] = 0.91234  # distinctive numbers for the table checks
     values["mean/image_auroc"] = 0.87654
-    index = visualize.write_report(str(workdir), results, values, THRESHOLD)
+    index = write_report(str(workdir), results, values, THRESHOLD)
     folder = os.path.join(workdir, "report")
     with open(index, encoding="utf-8") as f:
         page = f.read()
@@ -177,7 +178,7 @@ def test_mean_row_computed_when_the_dict_has_none(tmp_path):
     results = [make_category("a", 3, 3, seed=3), make_category("b", 3, 3, seed=4)]
     results[1].source = None  # no images to re-read: the examples show grey images instead
     values = {"a/image_auroc": 0.5, "b/image_auroc": 0.75, "b/pixel_aupro": math.nan}
-    index = visualize.write_report(str(tmp_path), results, values, None)
+    index = write_report(str(tmp_path), results, values, None)
     assert os.path.getsize(os.path.join(tmp_path, "report", "examples_b.png")) > 5_000
     with open(index, encoding="utf-8") as f:
         table = metrics_table(f.read())
@@ -194,10 +195,13 @@ def test_threshold_shown_when_known_and_not_when_none(report, tmp_path):
     assert f"{f1:.4g}" in page
     assert report["manifest"]["threshold"] == pytest.approx(0.4321)
 
+    # 10 images of 32 x 32 pixels: over a 3,000-pixel budget the PRO curve is drawn from a sample
+    assert "Every curve uses all pixels." in page and "Categories marked *" not in page
     results = [make_category("bottle", 5, 5, seed=0, scores=BOTTLE_SCORES)]
-    index = visualize.write_report(str(tmp_path), results, all_metrics(results), None)
+    index = write_report(str(tmp_path), results, all_metrics(results), None, max_plot_pixels=3000)
     with open(index, encoding="utf-8") as f:
         other = f.read()
+    assert "Categories marked * have more than 3,000 pixels" in other
     assert "0.4321" not in other and "held-out normal training images" not in other
     assert "No decision threshold" in other
     assert "test-set optimal, for reference only" in other
@@ -228,13 +232,13 @@ def test_examples_are_the_right_images(report):
 def test_pick_examples_never_repeats_an_image():
     scores = np.array([0.3, 0.9, 0.1, 0.5, 0.7])
     labels = np.array([1, 1, 1, 0, 0])
-    picks = visualize.pick_examples(scores, labels, k=2)
+    picks = figures.pick_examples(scores, labels, k=2)
     assert picks == {"detected": [1, 0], "missed": [2], "false_alarms": [4, 3]}
 
 
 def test_safe_names_are_unique_and_harmless():
     taken = set()
-    names = [visualize.safe_name(n, taken) for n in ["a/b c", "a b/c", "../etc", "", "A_B_C"]]
+    names = [safe_name(n, taken) for n in ["a/b c", "a b/c", "../etc", "", "A_B_C"]]
     assert names[0] == "a_b_c" and names[1] == "a_b_c_2"
     assert names[2] == "etc" and names[3] == "category"
     assert names[4] == "A_B_C_3"  # case-insensitive file systems
@@ -244,54 +248,31 @@ def test_safe_names_are_unique_and_harmless():
 def test_interrupted_report_keeps_the_previous_index(tmp_path, monkeypatch):
     results = [make_category("a", 3, 3, seed=5), make_category("b", 3, 3, seed=6)]
     values = all_metrics(results)
-    index = visualize.write_report(str(tmp_path), results, values, THRESHOLD)
+    index = write_report(str(tmp_path), results, values, THRESHOLD)
     with open(index, encoding="utf-8") as f:
         before = f.read()
 
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(visualize, "_examples_figure", broken)
+    monkeypatch.setattr(figures, "examples_figure", broken)
     with pytest.raises(KeyboardInterrupt):
-        visualize.write_report(str(tmp_path), results, values, None)
+        write_report(str(tmp_path), results, values, None)
     with open(index, encoding="utf-8") as f:
         assert f.read() == before
     assert not [f for f in os.listdir(os.path.dirname(index)) if ".tmp" in f]
-
-
-def test_pro_curve_for_plot_matches_metrics():
-    rng = np.random.default_rng(7)
-    masks = np.zeros((6, 40, 40), np.uint8)
-    masks[0, 5:9, 5:9] = 1
-    masks[0, 20:30, 22:35] = 1
-    masks[3, 10:12, 30:31] = 1
-    maps = rng.random((6, 40, 40)).astype(np.float32) + 0.4 * masks
-    maps[2] = np.round(maps[2], 1)  # ties
-    want_fpr, want_pro = metrics.pro_curve(masks, maps)
-    fpr, pro, sampled = visualize.pro_curve_for_plot(maps, masks)
-    assert not sampled
-    np.testing.assert_allclose(fpr, want_fpr, atol=1e-12)
-    np.testing.assert_allclose(pro, want_pro, atol=1e-12)
-    # subsampled: an estimate of the same curve
-    fpr, pro, sampled = visualize.pro_curve_for_plot(maps, masks, max_pixels=3000, seed=1)
-    assert sampled and fpr.size < want_fpr.size
-    grid = np.linspace(0, 0.3, 301)
-    estimate, exact = np.interp(grid, fpr, pro), np.interp(grid, want_fpr, want_pro)
-    assert np.abs(estimate.mean() - exact.mean()) < 0.02  # ~ the normalised AUPRO
-    assert np.abs(estimate - exact).max() < 0.06
-    assert visualize.pro_curve_for_plot(maps, np.zeros_like(masks)) is None
 
 
 def test_overlay_is_red_where_the_map_is_high_and_blue_where_low():
     image = np.full((8, 8, 3), 128, np.uint8)
     anomaly = np.zeros((8, 8), np.float32)
     anomaly[:, :4] = 1.0
-    out = visualize.overlay(image, anomaly, vmin=0.0, vmax=1.0)
+    out = heatmap.overlay(image, anomaly, vmin=0.0, vmax=1.0)
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8
     red, blue = out[:, :4].reshape(-1, 3), out[:, 4:].reshape(-1, 3)
     assert (red[:, 0] > red[:, 2] + 50).all()
     assert (blue[:, 2] > blue[:, 0] + 50).all()
     # alpha 0 leaves the image untouched
-    np.testing.assert_array_equal(visualize.overlay(image, anomaly, 0.0, 1.0, alpha=0.0), image)
+    np.testing.assert_array_equal(heatmap.overlay(image, anomaly, 0.0, 1.0, alpha=0.0), image)
     with pytest.raises(ValueError):
-        visualize.overlay(image, anomaly[:4], 0.0, 1.0)
+        heatmap.overlay(image, anomaly[:4], 0.0, 1.0)
