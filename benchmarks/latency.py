@@ -37,12 +37,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from grad_jax import run_folder
+from grad_jax.config import CONFIG_DIR, resolve_config_flags
 from grad_jax.models.model import ModelVariables
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-config_flags.DEFINE_config_file("config", str(ROOT / "configs/unified.py"), "Config.")
+config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "unified.py"), "Config.")
 flags.DEFINE_integer("images", 30, "Distinct image files per pass.")
 flags.DEFINE_integer("passes", 2, "Passes over the images (all contestants per image).")
 flags.DEFINE_bool("batch8", True, "Also time batch-8 inference.")
@@ -236,4 +237,4 @@ def _batch8(exported, predictor, variables, config, truncated, session) -> dict:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, argv=resolve_config_flags(sys.argv))

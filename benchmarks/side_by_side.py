@@ -27,6 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from grad_jax import feature_cache, inference, run_folder
+from grad_jax.config import CONFIG_DIR, resolve_config_flags
 from grad_jax.models.model import ModelVariables
 from grad_jax.train_state import TrainState
 
@@ -38,7 +39,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     """Only when run as a program, so that other scripts can import build_torch."""
-    config_flags.DEFINE_config_file("config", str(ROOT / "configs/unified.py"), "Config.")
+    config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "unified.py"), "Config.")
     flags.DEFINE_integer("batch", 8, "Images per step.")
     flags.DEFINE_integer("rounds", 3, "Alternating measurement rounds.")
     flags.DEFINE_integer("steps", 3, "Timed calls per measurement.")
@@ -204,4 +205,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, argv=resolve_config_flags(sys.argv))

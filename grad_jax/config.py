@@ -41,6 +41,12 @@ def resolve_config_path(spec: str) -> str:
     return shipped + sep + arg if os.path.exists(shipped) else spec
 
 
+def resolve_config_flags(argv: list[str]) -> list[str]:
+    """`argv` with every `--config=PATH` resolved by `resolve_config_path`."""
+    flag = "--config="
+    return [flag + resolve_config_path(a[len(flag) :]) if a.startswith(flag) else a for a in argv]
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns."""
     path, _, arg = resolve_config_path(spec).partition(":")

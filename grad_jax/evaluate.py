@@ -26,20 +26,18 @@ from grad_jax.report import write_report
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class CategoryEval:
-    """Everything the metrics and the report need about one category's test split."""
+@dataclasses.dataclass(kw_only=True)
+class CategoryEval(metrics.CategoryResults):
+    """One category's test split: what the metrics need (`metrics.CategoryResults`: scores,
+    labels, smoothed maps, masks, has_mask) and what the report adds to it.
+
+    `labels` follow the reference's rule: where the mask is known, 1 if the (resized) mask has a
+    positive pixel; otherwise the folder's (good vs defect).
+    """
 
     name: str
     filenames: list[str]
-    # [N] the image label: where the mask is known, 1 if the (resized) mask has a positive pixel
-    # (the reference's rule); otherwise the folder's (good vs defect).
-    labels: np.ndarray
-    scores: np.ndarray  # [N] image scores
-    maps: np.ndarray  # [N, H, W] smoothed anomaly maps
-    masks: np.ndarray  # [N, H, W] {0, 1}; all zero where has_mask is False
     source: Any = None  # IndexedSource, to re-read images for the report
-    has_mask: np.ndarray | None = None  # [N] bool; None: every mask is known
     folder_labels: np.ndarray | None = None  # [N] 0 for test/good, 1 for test/<defect>
     pooled: np.ndarray | None = None  # [N, D] pooled backbone features (class recognition)
 
@@ -97,16 +95,16 @@ def evaluate_categories(
         folder_labels = np.concatenate(folder).astype(np.int32)
         results.append(
             CategoryEval(
-                cat.name,
-                files,
-                image_labels(masks_np, has_mask, folder_labels),
                 np.concatenate(scores),
+                image_labels(masks_np, has_mask, folder_labels),
                 np.concatenate(maps),
                 masks_np,
-                source,
                 has_mask,
-                folder_labels,
-                np.concatenate(pooled),
+                name=cat.name,
+                filenames=files,
+                source=source,
+                folder_labels=folder_labels,
+                pooled=np.concatenate(pooled),
             )
         )
     return results
@@ -128,11 +126,7 @@ def compute_metrics(
     """`metrics.evaluate` of every category, plus, when a decision `threshold` (image score) is
     known, `<category>/false_alarm_rate`: the share of good test images at or above it (the one
     figure a test split of good images only can give)."""
-    per_class = {
-        r.name: metrics.CategoryResults(r.scores, r.labels, r.maps, r.masks, r.has_mask)
-        for r in results
-    }
-    values, notes = metrics.evaluate(per_class)
+    values, notes = metrics.evaluate({r.name: r for r in results})
     for r in results:
         files = r.label_disagreements()
         if files:

@@ -55,17 +55,24 @@ METRIC_KEYS = (
 )
 #: Thresholds are in the units of each category's scores: averaging them is meaningless.
 _NOT_AVERAGED = ("image_f1_threshold", "pixel_f1_threshold")
-_TABLE_COLUMNS = (
-    ("image_auroc", "I-AUROC"),
-    ("pixel_auroc", "P-AUROC"),
-    ("pixel_aupro", "P-AUPRO"),
-    ("image_ap", "I-AP"),
-    ("pixel_ap", "P-AP"),
-    ("image_f1_max", "I-F1max"),
-    ("pixel_f1_max", "P-F1max"),
+#: The metric tables' columns (printed and in the report): (key, title, description).
+TABLE_COLUMNS = (
+    ("image_auroc", "I-AUROC", "image-level area under the ROC curve"),
+    ("pixel_auroc", "P-AUROC", "pixel-level area under the ROC curve"),
+    ("pixel_aupro", "P-AUPRO", "pixel-level area under the PRO curve, FPR in [0, 0.3]"),
+    ("image_ap", "I-AP", "image-level average precision"),
+    ("pixel_ap", "P-AP", "pixel-level average precision"),
+    ("image_f1_max", "I-F1max", "image-level best F1 over all thresholds"),
+    ("pixel_f1_max", "P-F1max", "pixel-level best F1 over all thresholds"),
 )
 #: Columns shown only when some category has the metric.
-_OPTIONAL_COLUMNS = (("false_alarm_rate", "FAR@thr"),)
+OPTIONAL_COLUMNS = (
+    (
+        "false_alarm_rate",
+        "FAR@thr",
+        "share of good test images at or above the decision threshold (false alarms)",
+    ),
+)
 #: How an undefined (nan) metric is written in tables and metrics.json.
 NOT_AVAILABLE = "n/a"
 
@@ -543,7 +550,7 @@ class CategoryResults:
     """Everything needed to evaluate one category.
 
     Attributes:
-      image_scores: ``[N]`` image anomaly scores.
+      scores: ``[N]`` image anomaly scores.
       labels: ``[N]`` 0/1 image labels; pass ``masks.reshape(N, -1).any(-1)`` (an image is
         anomalous iff its mask has a positive pixel), as the reference does.
       maps: ``[N, H, W]`` smoothed anomaly maps.
@@ -552,7 +559,7 @@ class CategoryResults:
         ``ground_truth/``): pixel metrics leave them out. None: every mask is known.
     """
 
-    image_scores: np.ndarray
+    scores: np.ndarray
     labels: np.ndarray
     maps: np.ndarray
     masks: np.ndarray
@@ -663,7 +670,7 @@ def evaluate(results: dict[str, CategoryResults]) -> tuple[dict[str, float], lis
         known = (
             np.ones(labels.shape, bool) if res.has_mask is None else np.asarray(res.has_mask, bool)
         )
-        values = evaluate_category(res.image_scores, labels, res.maps, masks, known)
+        values = evaluate_category(res.scores, labels, res.maps, masks, known)
         from_masks = masks.reshape(masks.shape[0], -1).any(axis=1)
         mismatched = int(np.count_nonzero((from_masks != (labels != 0)) & known))
         if mismatched:
@@ -726,10 +733,10 @@ def format_table(metrics: dict[str, float]) -> str:
         value = row[metric]
         return NOT_AVAILABLE if math.isnan(value) else f"{100.0 * value:.1f}"
 
-    columns = list(_TABLE_COLUMNS)
-    columns += [c for c in _OPTIONAL_COLUMNS if any(c[0] in row for row in rows.values())]
-    header = ["category"] + [title for _, title in columns]
-    body = [[name] + [cell(row, m) for m, _ in columns] for name, row in rows.items()]
+    columns = list(TABLE_COLUMNS)
+    columns += [c for c in OPTIONAL_COLUMNS if any(c[0] in row for row in rows.values())]
+    header = ["category"] + [title for _, title, _ in columns]
+    body = [[name] + [cell(row, m) for m, _, _ in columns] for name, row in rows.items()]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

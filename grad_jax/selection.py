@@ -344,14 +344,18 @@ def final_config(
     return final
 
 
-def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Probe every candidate, choose one, and prepare `workdir` for its full run.
+@dataclasses.dataclass
+class _SelectionData:
+    """The training images (never a test file) and the synthetic validation made from them."""
 
-    Returns the selection record (also written to `<workdir>/selection.json`), whose "config"
-    holds the winner's full config as JSON.
-    """
-    started = time.time()
-    budget = config.selection.budget_minutes * 60.0
+    config: ml_collections.ConfigDict  # with data.image_size resolved
+    folders: list[TrainFolder]
+    names: list[str]
+    train_items: list[input_pipeline.Item]
+    validation: ValidationSet
+
+
+def _selection_data(config: ml_collections.ConfigDict) -> _SelectionData:
     roots = category_roots(config)
     names = [r.name for r in roots]
     folders = [TrainFolder(r, config.data.skip_bad_images) for r in roots]
@@ -373,25 +377,22 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         folders, names, train_items, held_items, config.selection.defects_per_image, config.seed
     )
     log.info("selection: synthetic validation %s", val.counts())
+    return _SelectionData(config, folders, names, train_items, val)
+
+
+def _probe_all(data: _SelectionData, workdir: str, record: dict[str, Any], started: float):
+    """(probes, skipped): every candidate probed while the budget's probing share allows;
+    selection.json is rewritten after each probe."""
+    config = data.config
+    budget = config.selection.budget_minutes * 60.0
     cache = FeatureCache()
     pool = candidates(config)
     probes: list[Probe] = []
     skipped: list[dict[str, Any]] = []
     base_cost = pool[0].cost(config)
-    record: dict[str, Any] = {
-        "figure": FIGURE,
-        "validation": {
-            "source": "held-out normal training images and synthetic defects made in them; "
-            "no test image, label or mask was read",
-            "images": val.counts(),
-        },
-        "budget_minutes": config.selection.budget_minutes,
-        "probe_epochs": config.selection.probe_epochs,
-    }
     for k, cand in enumerate(pool):
         if k > 0 and budget > 0:
-            first = probes[0].record
-            probe_estimate = first["seconds"] * cand.cost(config) / base_cost
+            probe_estimate = probes[0].record["seconds"] * cand.cost(config) / base_cost
             elapsed = time.time() - started
             # Probing may use at most selection.max_share of the budget; the rest trains the
             # winner.
@@ -407,22 +408,25 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 log.info("selection: %s skipped (%s)", cand.name, skipped[-1]["reason"])
                 continue
         source = input_pipeline.IndexedSource(
-            folders, train_items, cand.image_size, names, masks=False
+            data.folders, data.train_items, cand.image_size, data.names, masks=False
         )
         log_dir = os.path.join(workdir, "selection", cand.slug)
-        probes.append(probe(cand, config, source, val, cache, log_dir))
+        probes.append(probe(cand, config, source, data.validation, cache, log_dir))
         _write(workdir, {**record, "candidates": [p.record for p in probes], "skipped": skipped})
+    return probes, skipped
 
-    elapsed = time.time() - started
-    left = budget - elapsed
+
+def _choose(probes: list[Probe], config: ml_collections.ConfigDict, seconds_left: float) -> Probe:
+    """The winner among the candidates that can train long enough; adds each one's epoch
+    estimate, affordable epochs and eligibility to its record."""
+    budget = config.selection.budget_minutes * 60.0
     # On a shared machine the load changes between probes, so each candidate's epoch time is
     # estimated from the fastest measured rate per unit of head cost (positions x channels).
     rate = min(p.record["seconds_per_epoch"] / p.candidate.cost(config) for p in probes)
     for p in probes:
         p.record["seconds_per_epoch_estimate"] = rate * p.candidate.cost(config)
-    for p in probes:
         p.record["affordable_epochs"] = (
-            affordable_epochs(p.record, config, left) if budget > 0 else config.train.epochs
+            affordable_epochs(p.record, config, seconds_left) if budget > 0 else config.train.epochs
         )
     # A candidate competes only if the budget lets it train (nearly) as long as the config's own
     # recipe could; that one always competes, if need be with fewer epochs than configured.
@@ -431,7 +435,31 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         p.record["fits_budget"] = i == 0 or p.record["affordable_epochs"] >= floor
     eligible = [p for p in probes if p.record["fits_budget"]]
     # Ties go to the earlier candidate, i.e. to the config's own recipe first.
-    winner = max(eligible, key=lambda p: (p.record["figure"], -probes.index(p)))
+    return max(eligible, key=lambda p: (p.record["figure"], -probes.index(p)))
+
+
+def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Probe every candidate, choose one, and prepare `workdir` for its full run.
+
+    Returns the selection record (also written to `<workdir>/selection.json`), whose "config"
+    holds the winner's full config as JSON.
+    """
+    started = time.time()
+    data = _selection_data(config)
+    config = data.config
+    record: dict[str, Any] = {
+        "figure": FIGURE,
+        "validation": {
+            "source": "held-out normal training images and synthetic defects made in them; "
+            "no test image, label or mask was read",
+            "images": data.validation.counts(),
+        },
+        "budget_minutes": config.selection.budget_minutes,
+        "probe_epochs": config.selection.probe_epochs,
+    }
+    probes, skipped = _probe_all(data, workdir, record, started)
+    elapsed = time.time() - started
+    winner = _choose(probes, config, config.selection.budget_minutes * 60.0 - elapsed)
     epochs = max(winner.record["affordable_epochs"], 1)
     lr_step = config.train.lr_step_epochs
     if epochs < config.train.epochs:

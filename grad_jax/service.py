@@ -16,13 +16,14 @@ Requests are decoded on the server's thread pool and their images queued for one
 answered 503 with Retry-After. A request with a bad file is refused whole (nothing is scored),
 with the status from `uploads.UploadError`.
 
-The model is anything with the interface of `grad_jax.predict.Predictor` and the exported model
+The model is anything with the interface of `grad_jax.predictor.Predictor` and the exported model
 (`grad_jax.served_model.ServedModel`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations at run time.
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import importlib.resources
 import logging
@@ -31,8 +32,13 @@ import time
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
-from grad_jax import batching, input_pipeline, uploads
+from grad_jax import batching, uploads
+from grad_jax.images import resize_image
 from grad_jax.served_model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -80,25 +86,85 @@ def _finite_or_none(x: Any) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
+class _Refused(Exception):
+    """A request answered with an error: HTTP `status`, `{"error": message}`, `headers`."""
+
+    def __init__(self, status: int, message: str, **headers: str):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"error": self.message}, status_code=self.status, headers=self.headers or None
+        )
+
+
+@dataclasses.dataclass
+class _Service:
+    """The served model and the service's settings."""
+
+    model: ServedModel
+    limits: uploads.Limits
+    max_wait_ms: float
+    max_queue: int
+    warm_up: bool
+
+    def __post_init__(self):
+        self.batch_size = int(self.model.batch_size)
+        self.categories = [str(c) for c in self.model.categories]
+        self.image_size = tuple(int(x) for x in self.model.image_size)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "image_size": list(self.image_size),
+            "categories": self.categories,
+            "batch_size": self.batch_size,
+            "max_wait_ms": self.max_wait_ms,
+            "max_queue": self.max_queue,
+            "limits": dataclasses.asdict(self.limits),
+            "meta": self.model.meta,
+        }
+
+    def run_batch(self, items: list[tuple[np.ndarray, str | None]]) -> list[Any]:
+        wanted = [c for _, c in items]
+        return self.model.predict(
+            [image for image, _ in items], categories=None if not any(wanted) else wanted
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        if self.warm_up:  # compile before the first request, not during it
+            blank = np.zeros((*self.image_size, 3), np.uint8)
+            await run_in_threadpool(self.model.predict, [blank])
+        app.state.batcher = batching.Batcher(
+            self.run_batch,
+            self.batch_size,
+            self.max_wait_ms / 1000.0,
+            self.max_queue,
+            name="grad_jax-batcher",
+        )
+        log.info(
+            "serving: batch %d, wait %.3g ms, queue %d",
+            self.batch_size, self.max_wait_ms, self.max_queue,
+        )  # fmt: skip
+        try:
+            yield
+        finally:
+            app.state.batcher.close()
+
+
 def create_app(
     model: ServedModel,
     limits: uploads.Limits | None = None,
     max_wait_ms: float = 10.0,
     max_queue: int | None = None,
     warm_up: bool = True,
-):
+) -> FastAPI:
     """The FastAPI app serving `model`; the worker starts and stops with the app's lifespan.
 
     max_queue: images that may wait for the worker (default: 4 batches, and at least one
     request's worth of files).
     """
-    import contextlib
-
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import UploadFile
-
     limits = limits or uploads.Limits()
     batch_size = int(model.batch_size)
     if max_queue is None:
@@ -108,48 +174,15 @@ def create_app(
             f"max_queue={max_queue} must hold a whole batch ({batch_size}) and a whole request "
             f"({limits.max_files} files)"
         )
-    categories = [str(c) for c in model.categories]
-    image_size = tuple(int(x) for x in model.image_size)
+    service = _Service(model, limits, max_wait_ms, max_queue, warm_up)
     page = importlib.resources.files("grad_jax").joinpath(PAGE).read_text(encoding="utf-8")
-
-    def run_batch(items: list[tuple[np.ndarray, str | None]]) -> list[Any]:
-        wanted = [c for _, c in items]
-        return model.predict(
-            [image for image, _ in items], categories=None if not any(wanted) else wanted
-        )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        if warm_up:  # compile before the first request, not during it
-            blank = np.zeros((*image_size, 3), np.uint8)
-            await run_in_threadpool(model.predict, [blank])
-        app.state.batcher = batching.Batcher(
-            run_batch, batch_size, max_wait_ms / 1000.0, max_queue, name="grad_jax-batcher"
-        )
-        log.info("serving: batch %d, wait %.3g ms, queue %d", batch_size, max_wait_ms, max_queue)
-        try:
-            yield
-        finally:
-            app.state.batcher.close()
-
     # No /docs or /redoc: FastAPI loads those pages from a CDN; /openapi.json stays.
     app = FastAPI(
-        title="grad_jax inspection service", lifespan=lifespan, docs_url=None, redoc_url=None
+        title="grad_jax inspection service",
+        lifespan=service.lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
-
-    def error(status: int, message: str, **headers: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
-    def model_info() -> dict[str, Any]:
-        return {
-            "image_size": list(image_size),
-            "categories": categories,
-            "batch_size": batch_size,
-            "max_wait_ms": max_wait_ms,
-            "max_queue": max_queue,
-            "limits": dataclasses.asdict(limits),
-            "meta": model.meta,
-        }
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -168,105 +201,147 @@ def create_app(
 
     @app.get("/v1/model")
     async def model_route() -> dict[str, Any]:
-        return model_info()
+        return service.info()
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
-        start = time.perf_counter()
-        length = request.headers.get("content-length")
-        too_big = (
-            f"the request is over the limit of {limits.max_request_bytes:,} bytes "
-            f"({limits.max_files} files of at most {limits.max_file_bytes:,} bytes)"
-        )
-        if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
-            return error(413, too_big)
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return error(415, "send the images as multipart/form-data (one file part per image)")
-        limited = Request(request.scope, _limited(request.receive, limits.max_request_bytes))
         try:
-            form = await limited.form(
-                max_files=limits.max_files, max_fields=16, max_part_size=64 * 1024
-            )
-        except _BodyTooLarge:
-            return error(413, too_big)
-        except Exception as err:  # noqa: BLE001 - starlette raises HTTPException on bad forms
-            detail = getattr(err, "detail", None) or str(err)
-            return error(400, f"cannot read the form: {detail}")
-        try:
-            files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
-            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-            if not files:
-                return error(400, "no image in the request: send one or more file parts")
-            category = fields.get("category") or None
-            if category is not None and category not in categories:
-                known = ", ".join(categories) or "none (the model stores no classes)"
-                return error(400, f"unknown category '{category}'; known: {known}")
-            threshold = None
-            if fields.get("threshold", "").strip():
-                try:
-                    threshold = float(fields["threshold"])
-                except ValueError:
-                    threshold = math.nan
-                if not math.isfinite(threshold):
-                    return error(
-                        400, f"threshold must be a finite number, got '{fields['threshold']}'"
-                    )
-            want_overlay, want_map = _flag(fields.get("overlay")), _flag(fields.get("raw_map"))
-            named = []
-            for i, (_, upload) in enumerate(files):
-                name = upload.filename or f"file {i + 1}"
-                named.append((name, await upload.read(limits.max_file_bytes + 1)))
-        finally:
-            await form.close()
-
-        def decode_all():
-            images, problems = [], []
-            for name, data in named:
-                try:
-                    image = uploads.decode(data, name, limits)
-                    images.append((image, input_pipeline.resize_image(image, image_size)))
-                except uploads.UploadError as err:
-                    problems.append(err)
-            return images, problems
-
-        images, problems = await run_in_threadpool(decode_all)
-        if problems:
-            message = "; ".join(str(p) for p in problems)
-            if len(named) > 1:
-                message = f"{len(problems)} of {len(named)} files cannot be scored: {message}"
-            return error(problems[0].status, message)
-        decoded = time.perf_counter()
-        batcher: batching.Batcher = request.app.state.batcher
-        try:
-            futures = batcher.submit([(prepared, category) for _, prepared in images])
-        except batching.QueueFull:
-            return error(
-                503,
-                f"busy: the queue of {max_queue} images is full; retry in {RETRY_AFTER_S} s",
-                **{"Retry-After": str(RETRY_AFTER_S)},
-            )
-        except batching.BatcherClosed:
-            return error(503, "the service is shutting down", **{"Retry-After": "5"})
-        try:
-            outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        except Exception as err:  # noqa: BLE001 - logged by the batcher
-            return error(500, f"the model failed on this batch ({type(err).__name__}: {err})")
-
-        def describe():
-            done = time.perf_counter()
-            out = []
-            for (name, _), (original, _), (p, info) in zip(named, images, outcomes, strict=True):
-                out.append(
-                    _result(
-                        name, original, p, info, threshold, want_overlay, want_map, limits,
-                        decoded - start, done - start,
-                    )
-                )  # fmt: skip
-            return out
-
-        return JSONResponse({"results": await run_in_threadpool(describe)})
+            return JSONResponse({"results": await _predict(service, request)})
+        except _Refused as refused:
+            return refused.response()
 
     return app
+
+
+@dataclasses.dataclass
+class _Upload:
+    """What a predict request asks for."""
+
+    named: list[tuple[str, bytes]]  # (file name, encoded bytes) in upload order
+    category: str | None
+    threshold: float | None
+    overlay: bool
+    raw_map: bool
+
+
+async def _predict(service: _Service, request: Request) -> list[dict[str, Any]]:
+    """The results of a predict request, or _Refused."""
+    start = time.perf_counter()
+    upload = await _read_upload(service, request)
+    images = await run_in_threadpool(_decode_all, upload.named, service)
+    decoded = time.perf_counter()
+    batcher: batching.Batcher = request.app.state.batcher
+    try:
+        futures = batcher.submit([(prepared, upload.category) for _, prepared in images])
+    except batching.QueueFull as err:
+        raise _Refused(
+            503,
+            f"busy: the queue of {service.max_queue} images is full; retry in {RETRY_AFTER_S} s",
+            **{"Retry-After": str(RETRY_AFTER_S)},
+        ) from err
+    except batching.BatcherClosed as err:
+        raise _Refused(503, "the service is shutting down", **{"Retry-After": "5"}) from err
+    try:
+        outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    except Exception as err:  # noqa: BLE001 - logged by the batcher
+        raise _Refused(
+            500, f"the model failed on this batch ({type(err).__name__}: {err})"
+        ) from err
+
+    def describe():
+        done = time.perf_counter()
+        return [
+            _result(
+                name,
+                original,
+                p,
+                info,
+                upload.threshold,
+                upload.overlay,
+                upload.raw_map,
+                service.limits,
+                decoded - start,
+                done - start,
+            )  # fmt: skip
+            for (name, _), (original, _), (p, info) in zip(
+                upload.named, images, outcomes, strict=True
+            )
+        ]
+
+    return await run_in_threadpool(describe)
+
+
+async def _read_upload(service: _Service, request: Request) -> _Upload:
+    """The files and fields of a multipart predict request, checked against the limits."""
+    limits = service.limits
+    length = request.headers.get("content-length")
+    too_big = (
+        f"the request is over the limit of {limits.max_request_bytes:,} bytes "
+        f"({limits.max_files} files of at most {limits.max_file_bytes:,} bytes)"
+    )
+    if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
+        raise _Refused(413, too_big)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise _Refused(415, "send the images as multipart/form-data (one file part per image)")
+    limited = Request(request.scope, _limited(request.receive, limits.max_request_bytes))
+    try:
+        form = await limited.form(max_files=limits.max_files, max_fields=16, max_part_size=65536)
+    except _BodyTooLarge as err:
+        raise _Refused(413, too_big) from err
+    except Exception as err:  # noqa: BLE001 - starlette raises HTTPException on bad forms
+        detail = getattr(err, "detail", None) or str(err)
+        raise _Refused(400, f"cannot read the form: {detail}") from err
+    try:
+        files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        if not files:
+            raise _Refused(400, "no image in the request: send one or more file parts")
+        category = _category(fields.get("category") or None, service.categories)
+        threshold = _threshold(fields.get("threshold", ""))
+        named = []
+        for i, (_, part) in enumerate(files):
+            name = part.filename or f"file {i + 1}"
+            named.append((name, await part.read(limits.max_file_bytes + 1)))
+    finally:
+        await form.close()
+    flags = (_flag(fields.get("overlay")), _flag(fields.get("raw_map")))
+    return _Upload(named, category, threshold, *flags)
+
+
+def _category(category: str | None, categories: list[str]) -> str | None:
+    if category is not None and category not in categories:
+        known = ", ".join(categories) or "none (the model stores no classes)"
+        raise _Refused(400, f"unknown category '{category}'; known: {known}")
+    return category
+
+
+def _threshold(text: str) -> float | None:
+    if not text.strip():
+        return None
+    try:
+        threshold = float(text)
+    except ValueError:
+        threshold = math.nan
+    if not math.isfinite(threshold):
+        raise _Refused(400, f"threshold must be a finite number, got '{text}'")
+    return threshold
+
+
+def _decode_all(named: list[tuple[str, bytes]], service: _Service):
+    """[(original, at the model size)] of every file; _Refused naming every bad one."""
+    images, problems = [], []
+    for name, data in named:
+        try:
+            image = uploads.decode(data, name, service.limits)
+            images.append((image, resize_image(image, service.image_size)))
+        except uploads.UploadError as err:
+            problems.append(err)
+    if problems:
+        message = "; ".join(str(p) for p in problems)
+        if len(named) > 1:
+            message = f"{len(problems)} of {len(named)} files cannot be scored: {message}"
+        raise _Refused(problems[0].status, message)
+    return images
 
 
 def _result(

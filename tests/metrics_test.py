@@ -318,20 +318,20 @@ def _category(rng, n_images, flip_images=False):
     scores = maps.reshape(n_images, -1).max(axis=1)
     if flip_images:
         scores = -scores
-    return metrics.CategoryResults(image_scores=scores, labels=labels, maps=maps, masks=masks)
+    return metrics.CategoryResults(scores=scores, labels=labels, maps=maps, masks=masks)
 
 
 def test_evaluate_category_matches_standalone_metrics():
     res = _category(np.random.default_rng(0), 10)
-    out = metrics.evaluate_category(res.image_scores, res.labels, res.maps, res.masks)
+    out = metrics.evaluate_category(res.scores, res.labels, res.maps, res.masks)
     assert list(out) == list(metrics.METRIC_KEYS)
-    assert out["image_auroc"] == metrics.auroc(res.labels, res.image_scores)
+    assert out["image_auroc"] == metrics.auroc(res.labels, res.scores)
     assert out["pixel_auroc"] == metrics.auroc(res.masks, res.maps)
     assert out["pixel_aupro"] == metrics.aupro(res.masks, res.maps, fpr_limit=0.3)
-    assert out["image_ap"] == metrics.average_precision(res.labels, res.image_scores)
+    assert out["image_ap"] == metrics.average_precision(res.labels, res.scores)
     assert out["pixel_ap"] == metrics.average_precision(res.masks, res.maps)
     assert (out["image_f1_max"], out["image_f1_threshold"]) == metrics.f1_max(
-        res.labels, res.image_scores
+        res.labels, res.scores
     )
     assert (out["pixel_f1_max"], out["pixel_f1_threshold"]) == metrics.f1_max(res.masks, res.maps)
     assert out["pixel_auroc"] == pytest.approx(roc_auc_score(res.masks.ravel(), res.maps.ravel()))

@@ -105,7 +105,9 @@ def _category_eval(rng, name="part"):
     labels = evaluate.image_labels(masks, has_mask, folder)
     scores = maps.reshape(n, -1).max(axis=1)
     files = [f"{name}/test/{'good' if f == 0 else 'dent'}/{i}.png" for i, f in enumerate(folder)]
-    return evaluate.CategoryEval(name, files, labels, scores, maps, masks, None, has_mask, folder)
+    return evaluate.CategoryEval(
+        scores, labels, maps, masks, has_mask, name=name, filenames=files, folder_labels=folder
+    )
 
 
 def test_partial_masks_pixel_metrics_only_where_masks_exist():
@@ -133,15 +135,14 @@ def test_good_only_test_split_gives_false_alarm_rate(tmp_path):
     maps = rng.random((n, 8, 8)).astype(np.float32)
     scores = np.linspace(0.0, 0.9, n)
     r = evaluate.CategoryEval(
-        "ok",
-        [f"ok/test/good/{i}.png" for i in range(n)],
-        np.zeros(n, np.int32),
         scores,
+        np.zeros(n, np.int32),
         maps,
         np.zeros((n, 8, 8), np.uint8),
-        None,
         np.ones(n, bool),
-        np.zeros(n, np.int32),
+        name="ok",
+        filenames=[f"ok/test/good/{i}.png" for i in range(n)],
+        folder_labels=np.zeros(n, np.int32),
     )
     values, notes = evaluate.compute_metrics([r], threshold=0.55)
     assert values["ok/false_alarm_rate"] == pytest.approx(0.4)  # 0.6, 0.7, 0.8, 0.9

@@ -56,8 +56,9 @@ def make_category(name, n_good, n_bad, seed, scores=None):
         scores = maps.reshape(n, -1).max(1)
     source = FakeSource(images, masks, filenames)
     return CategoryEval(
-        name, filenames, labels, np.asarray(scores, np.float32), maps, masks, source
-    )
+        np.asarray(scores, np.float32), labels, maps, masks,
+        name=name, filenames=filenames, source=source,
+    )  # fmt: skip
 
 
 def all_metrics(results):

