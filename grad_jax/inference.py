@@ -109,11 +109,13 @@ def make_tiled_predict_fn(
     `[B, D]` (the mean over the image's tiles)}.
 
     Every tile is scored by `predict_tiles` (a `make_predict_fn` at the tile size, fed batches
-    of exactly `eval.batch_size` tiles so it compiles once); the tiles' raw maps are stitched
-    (overlaps averaged), then the stitched map is smoothed and scored as a whole.
+    of `eval.batch_size` tiles rounded up to a multiple of the device count, so it compiles
+    once); the tiles' raw maps are stitched (overlaps averaged), then the stitched map is
+    smoothed and scored as a whole.
     """
     size, overlap = config.data.tile.size, config.data.tile.overlap
-    batch = config.eval.batch_size
+    devices = jax.device_count()  # tiles go in batches that split evenly: padded once
+    batch = -(-config.eval.batch_size // devices) * devices
     smooth_size, pool = config.eval.smooth_size, config.eval.score_pool
 
     @jax.jit

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -51,8 +52,9 @@ def upsample_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class Predictor:
     """A trained model ready to score images; one compiled program for batches of `batch_size`.
 
-    Every batch sent to the device is padded to exactly `batch_size` images, so however many
-    images are scored, the predict function is compiled once. Decisions follow
+    Every batch sent to the device is padded once, to `batch_size` rounded up to a multiple of
+    the device count (`rows`), so however many images are scored, the predict function is
+    compiled once and splits evenly over the devices. Decisions follow
     `grad_jax.decisions`: per class (given, or recognised from the image) with the thresholds,
     held-out normal scores and class centres stored with the run (`meta`); `threshold`, when
     set, overrides them all.
@@ -72,6 +74,8 @@ class Predictor:
             raise UsageError(f"batch_size must be at least 1, got {batch_size}")
         self.config = config
         self.batch_size = int(batch_size)
+        devices = jax.device_count()
+        self.rows = -(-self.batch_size // devices) * devices
         self.meta = dict(meta or {})
         self.decisions = Decisions(self.meta)
         if threshold is not None:
@@ -171,7 +175,7 @@ class Predictor:
             raise ValueError(f"{n} images in one batch; at most batch_size={self.batch_size}")
         if self.tiled:
             return self._predict_tiled(batch, categories)
-        result = self._predict_fn(image_lib.stack_prepared(batch, self.image_size, self.batch_size))
+        result = self._predict_fn(image_lib.stack_prepared(batch, self.image_size, self.rows))
         return self.decisions.results(
             np.asarray(result["score"])[:n],
             np.asarray(result["raw"])[:n],
