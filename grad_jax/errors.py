@@ -1,9 +1,10 @@
 """The errors a user can fix, at the bottom of the package: every module may raise them.
 
-Each subclasses `UserError`; the command lines (`grad_jax.cli.friendly_errors`) catch that one
-base, print the message as one line (`grad_jax: error: ...`) and exit with status 2. Each also
-subclasses the built-in error a caller would expect (ValueError, FileNotFoundError, ...), so
-`except ValueError` keeps working in Python code. Messages name the file or key and the fix.
+Each subclasses `UserError` (so does `input_pipeline.DataLayoutError`, which is also the dataset
+builder's `tfds_mvtec.DatasetLayoutError`). The command lines (`cli.friendly_errors`) catch that
+one base, print the message as one line (`grad_jax: error: ...`) and exit with status 2. Each
+also subclasses the built-in error a caller would expect (ValueError, FileNotFoundError, ...),
+so `except ValueError` keeps working in Python code. Messages name the file or key and the fix.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class DataNotFoundError(UserError, FileNotFoundError):
     """The configured data is not there; the message says what to download and where."""
-
-
-class DataLayoutError(UserError, ValueError):
-    """A dataset folder that breaks the MVTec layout rules (wraps `tfds_mvtec`'s error)."""
 
 
 class ConversionError(UserError, ValueError):

@@ -37,10 +37,15 @@ from PIL import Image
 import tfds_mvtec
 from grad_jax import demo, sharding, tiling
 from grad_jax.config import AUTO_SIZE, image_stride, tiling_on
-from grad_jax.errors import ConfigError, DataLayoutError, DataNotFoundError
+from grad_jax.errors import ConfigError, DataNotFoundError, UserError
 from grad_jax.images import resize_image
 
 log = logging.getLogger(__name__)
+
+
+class DataLayoutError(UserError, tfds_mvtec.DatasetLayoutError):
+    """A dataset folder that breaks the MVTec layout rules: the builder's error, as a
+    `UserError` (raised where grad_jax reads datasets)."""
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import tfds_mvtec
 from grad_jax import demo, input_pipeline, metrics
 from grad_jax import synthetic_defects as sd
-from grad_jax.errors import DataLayoutError, SelectionError
+from grad_jax.errors import SelectionError
 from tfds_mvtec.mvtec_ad import layout
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class TrainFolder:
         try:
             return tfds_mvtec.load_rgb(self.paths[i])
         except tfds_mvtec.DatasetLayoutError as err:
-            raise DataLayoutError(str(err)) from err
+            raise input_pipeline.DataLayoutError(str(err)) from err
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image = self.load(i)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import tfds_mvtec
-from grad_jax import checkpointing, errors, input_pipeline, run_folder, train
+from grad_jax import checkpointing, errors, feature_cache, input_pipeline, run_folder, train
 from tests.conftest import ROOT, tiny_category
 from tests.train_worker import tiny_config
 
@@ -303,7 +303,7 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(trained, tmp_path, 
 def test_nan_loss_names_step_and_files_and_keeps_checkpoint(data, tmp_path, monkeypatch):
     """One image's features turn NaN in epoch 2, after epoch 1's checkpoint was saved: the
     error names the step and the file, and that earlier checkpoint survives and loads."""
-    original = train._cached_batches
+    original = feature_cache.cached_batches
     poisoned_name = []
 
     def poisoned(cache, names, *args, **kwargs):
@@ -314,7 +314,7 @@ def test_nan_loss_names_step_and_files_and_keeps_checkpoint(data, tmp_path, monk
         return original(cache, names, *args, **kwargs)
 
     poisoned.epochs = 0
-    monkeypatch.setattr(train, "_cached_batches", poisoned)
+    monkeypatch.setattr(feature_cache, "cached_batches", poisoned)
     run = str(tmp_path / "nan")
     config = tiny_config(*data, epochs=2)
     with pytest.raises(errors.NonFiniteLossError) as err:
