@@ -161,9 +161,88 @@ def _peak_memory() -> dict[str, float]:
     return out
 
 
+def _latency_part(variables: ModelVariables, config, latency_images: int) -> dict[str, Any]:
+    """Batch-1 latency, encoded file -> decision, of `Predictor` and of the exported model."""
+    files = sample_files(latency_images)
+    predictor = Predictor(variables, config, batch_size=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = deploy.load_model(export_untrained(variables, config, tmp), batch_size=1)
+    cases = {"predictor": predictor, "exported": exported}
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for m in cases.values():
+        m.predict([decode(files[0])])  # compile
+    for _ in range(2):  # alternate, so drifting load hits both alike
+        for name, m in cases.items():
+            for data in files:
+                t = time.perf_counter()
+                m.predict([decode(data)])
+                samples[name].append((time.perf_counter() - t) * 1e3)
+    return {
+        "what": "one encoded PNG (600-1000 px) -> decode, resize, predict, decision",
+        **{k: summarise_ms(v) for k, v in samples.items()},
+    }
+
+
+def _infer_part(variables: ModelVariables, config, mesh, images: np.ndarray, steps: int) -> dict:
+    """Inference images/s of the jitted predict function on `images` `[B, H, W, 3]` uint8."""
+    batch = images.shape[0]
+    predict = inference.make_predict_fn(variables, config, mesh)
+    seconds = time_call(lambda: predict(images), steps)
+    result = {"infer_images_per_s": batch / seconds}
+
+    def program(backbone, params, stats, x):
+        m = variables.merge(backbone, params, stats)
+        return m(x).anomaly_map
+
+    flops = _flops(
+        jax.jit(program),
+        variables.backbone,
+        variables.params,
+        variables.batch_stats,
+        jnp.asarray(images),
+    )
+    if flops:
+        result["flops_per_image"] = flops / batch
+        result["infer_flops_per_s"] = flops / seconds
+    return result
+
+
+def _train_part(
+    variables: ModelVariables, config, mesh, images: np.ndarray, steps: int, cached: bool, rng
+) -> dict:
+    """Training images/s (and FLOPs) of one step from `images` or from cached features (drawn
+    from `rng`)."""
+    batch = images.shape[0]
+    part = "train_cached" if cached else "train"
+    tx, _ = make_optimizer(config.train, 100, variables.params)
+    state = sharding.replicate(TrainState.create(variables.params, variables.batch_stats, tx), mesh)
+    backbone = sharding.replicate(variables.backbone, mesh)
+    step = train.make_train_step(variables, tx, mesh, cached, config.seed, config.model.precision)
+    if cached:
+        shapes = feature_cache.feature_shapes(variables, config)
+        local = {f"feature_{i}": rng.random((batch,) + s, np.float32) for i, s in enumerate(shapes)}
+    else:
+        local = {"image": images}
+    batch_arrays = sharding.global_batch(local, mesh)
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], backbone, batch_arrays)
+        jax.block_until_ready(metrics["loss"])
+
+    seconds = time_call(one_step, steps)
+    result = {f"{part}_images_per_s": batch / seconds}
+    flops = _flops(step, holder["state"], backbone, batch_arrays)
+    if flops:
+        result[f"{part}_flops_per_image"] = flops / batch
+        result[f"{part}_flops_per_s"] = flops / seconds
+    return result
+
+
 def run_benchmark(
     config, batch: int, steps: int, pretrained: bool, parts, latency_images: int = 40
 ) -> dict:
+    """The benchmark's figures (see the module docstring) for `config` at global `batch`."""
     config = config.copy_and_resolve_references()
     if tiling_on(config):  # the model sees tiles
         with config.ignore_type():
@@ -191,80 +270,13 @@ def run_benchmark(
         **cpu_info(),
         "jax_version": jax.__version__,
     }
-
     if "latency" in parts:
-        files = sample_files(latency_images)
-        predictor = Predictor(variables, config, batch_size=1)
-        with tempfile.TemporaryDirectory() as tmp:
-            exported = deploy.load_model(export_untrained(variables, config, tmp), batch_size=1)
-        cases = {"predictor": predictor, "exported": exported}
-        samples: dict[str, list[float]] = {k: [] for k in cases}
-        for m in cases.values():
-            m.predict([decode(files[0])])  # compile
-        for _ in range(2):  # alternate, so drifting load hits both alike
-            for name, m in cases.items():
-                for data in files:
-                    t = time.perf_counter()
-                    m.predict([decode(data)])
-                    samples[name].append((time.perf_counter() - t) * 1e3)
-        result["latency_batch1"] = {
-            "what": "one encoded PNG (600-1000 px) -> decode, resize, predict, decision",
-            **{k: summarise_ms(v) for k, v in samples.items()},
-        }
-
+        result["latency_batch1"] = _latency_part(variables, config, latency_images)
     if "infer" in parts:
-        predict = inference.make_predict_fn(variables, config, mesh)
-        seconds = time_call(lambda: predict(images), steps)
-        result["infer_images_per_s"] = batch / seconds
-
-        def program(backbone, params, stats, x):
-            m = variables.merge(backbone, params, stats)
-            return m(x).anomaly_map
-
-        flops = _flops(
-            jax.jit(program),
-            variables.backbone,
-            variables.params,
-            variables.batch_stats,
-            jnp.asarray(images),
-        )
-        if flops:
-            result["flops_per_image"] = flops / batch
-            result["infer_flops_per_s"] = flops / seconds
-
-    tx, _ = make_optimizer(config.train, 100, variables.params)
-
-    def fresh_state():
-        state = TrainState.create(variables.params, variables.batch_stats, tx)
-        return sharding.replicate(state, mesh)
-
-    backbone = sharding.replicate(variables.backbone, mesh)
+        result.update(_infer_part(variables, config, mesh, images, steps))
     for part, cached in (("train", False), ("train_cached", True)):
-        if part not in parts:
-            continue
-        step = train.make_train_step(
-            variables, tx, mesh, cached, config.seed, config.model.precision
-        )
-        if cached:
-            shapes = feature_cache.feature_shapes(variables, config)
-            local = {
-                f"feature_{i}": rng.random((batch,) + s, np.float32) for i, s in enumerate(shapes)
-            }
-        else:
-            local = {"image": images}
-        batch_arrays = sharding.global_batch(local, mesh)
-        holder = {"state": fresh_state()}
-
-        def one_step(step=step, batch_arrays=batch_arrays, holder=holder):
-            holder["state"], metrics = step(holder["state"], backbone, batch_arrays)
-            jax.block_until_ready(metrics["loss"])
-
-        seconds = time_call(one_step, steps)
-        result[f"{part}_images_per_s"] = batch / seconds
-        flops = _flops(step, holder["state"], backbone, batch_arrays)
-        if flops:
-            result[f"{part}_flops_per_image"] = flops / batch
-            result[f"{part}_flops_per_s"] = flops / seconds
+        if part in parts:
+            result.update(_train_part(variables, config, mesh, images, steps, cached, rng))
     result.update(_peak_memory())
     return result
 

@@ -244,19 +244,8 @@ def write_outputs(
                     continue
                 key = keys[path]
                 scored.append((path, key))
-                decision = {None: "", True: "anomalous", False: "normal"}[p.is_anomalous]
                 anomalous += bool(p.is_anomalous)
-                writer.writerow(
-                    [
-                        key,
-                        _fmt(p.score),
-                        decision,
-                        _fmt(p.threshold),
-                        p.category or "",
-                        _fmt(p.calibrated),
-                        overlay_of[key],
-                    ]
-                )
+                writer.writerow(_csv_row(key, p, overlay_of[key]))
                 npz.add(key, p.anomaly_map)
                 if fixed_range:
                     overlay = os.path.join(temps[OVERLAY_DIR], overlay_of[key])
@@ -276,18 +265,30 @@ def write_outputs(
         )
         with open(temps["README.txt"], "w", encoding="utf-8") as f:
             f.write(readme)
-        os.replace(temps["maps.npz"], final["maps.npz"])
-        if os.path.lexists(final[OVERLAY_DIR]):
-            os.replace(final[OVERLAY_DIR], old_overlays)
-        os.replace(temps[OVERLAY_DIR], final[OVERLAY_DIR])
-        os.replace(temps["README.txt"], final["README.txt"])
-        os.replace(temps["scores.csv"], final["scores.csv"])  # last: the run is complete
+        _publish(temps, final, old_overlays)
     finally:
         if npz is not None:
             npz.close()
         for tmp in [*temps.values(), old_overlays]:
             remove(tmp)
     return len(scored), failed
+
+
+def _csv_row(key: str, p: Prediction, overlay: str) -> list[str]:
+    """One row of scores.csv (`CSV_COLUMNS`)."""
+    decision = {None: "", True: "anomalous", False: "normal"}[p.is_anomalous]
+    calibrated = _fmt(p.calibrated)
+    return [key, _fmt(p.score), decision, _fmt(p.threshold), p.category or "", calibrated, overlay]
+
+
+def _publish(temps: dict[str, str], final: dict[str, str], old_overlays: str) -> None:
+    """Rename the complete temporary outputs onto their names, scores.csv last."""
+    os.replace(temps["maps.npz"], final["maps.npz"])
+    if os.path.lexists(final[OVERLAY_DIR]):
+        os.replace(final[OVERLAY_DIR], old_overlays)
+    os.replace(temps[OVERLAY_DIR], final[OVERLAY_DIR])
+    os.replace(temps["README.txt"], final["README.txt"])
+    os.replace(temps["scores.csv"], final["scores.csv"])  # last: the run is complete
 
 
 def _overlays_from_maps(scored, temps, vmin, vmax, progress) -> None:
