@@ -91,10 +91,10 @@ def define_flags(values: flags.FlagValues) -> None:
 def convert_command(values: flags.FlagValues, args: list[str]) -> int:
     """Check the flags, convert the one file given, and print what was written."""
     checkpoint, backbone = values["torch-checkpoint"].value, values["torch-backbone"].value
-    if bool(checkpoint) == bool(backbone):
-        raise UsageError("give exactly one of --torch-checkpoint or --torch-backbone")
     if values.config is None:
         raise UsageError("--config is required (e.g. --config=configs/unified.py)")
+    if bool(checkpoint) == bool(backbone):
+        raise UsageError("give exactly one of --torch-checkpoint or --torch-backbone")
     if checkpoint:
         if not values.workdir:
             raise UsageError("--torch-checkpoint needs --workdir")
