@@ -14,6 +14,7 @@ JSON object, which names the CPU model and its vector extensions; --out=FILE wri
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -27,8 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
+from PIL import Image
 
 from grad_jax import (
     cli,
@@ -47,19 +48,25 @@ from grad_jax.optim import make_optimizer
 from grad_jax.predictor import Predictor
 from grad_jax.run_folder import TrainedModel
 from grad_jax.train_state import TrainState
+from tfds_mvtec.mvtec_ad import layout
 
-FLAGS = flags.FLAGS
 
-
-def _define_flags() -> None:
-    """Flags exist only when run as a program, so importing time_call defines nothing."""
-    config_flags.DEFINE_config_file("config", "configs/unified.py", "Config.", lock_config=True)
-    flags.DEFINE_integer("batch", 8, "Images per step (global).")
-    flags.DEFINE_integer("steps", 5, "Timed iterations after warm-up (the median is reported).")
-    flags.DEFINE_bool("pretrained", False, "Load the configured pretrained backbone.")
-    flags.DEFINE_string("out", None, "Also write the JSON here.")
-    flags.DEFINE_list("parts", ["infer", "train", "train_cached", "latency"], "What to time.")
-    flags.DEFINE_integer("latency_images", 40, "Batch-1 latency: images per pass (2 passes).")
+def define_flags(values: flags.FlagValues) -> None:
+    """The flags of `python -m grad_jax.benchmark` (--config comes with `cli.run_command`)."""
+    v = values
+    flags.DEFINE_integer("batch", 8, "Images per step (global).", flag_values=v)
+    flags.DEFINE_integer(
+        "steps", 5, "Timed iterations after warm-up (the median is reported).", flag_values=v
+    )
+    flags.DEFINE_bool(
+        "pretrained", False, "Load the configured pretrained backbone.", flag_values=v
+    )
+    flags.DEFINE_string("out", None, "Also write the JSON here.", flag_values=v)
+    parts = ["infer", "train", "train_cached", "latency"]
+    flags.DEFINE_list("parts", parts, "What to time.", flag_values=v)
+    flags.DEFINE_integer(
+        "latency_images", 40, "Batch-1 latency: images per pass (2 passes).", flag_values=v
+    )
 
 
 def time_call(fn, steps: int, warm_up: bool = True) -> float:
@@ -108,10 +115,6 @@ def cpu_info() -> dict[str, Any]:
 
 def sample_files(n: int, seed: int = 0) -> list[bytes]:
     """`n` PNG files of 600-1000 px (MVTec-like sizes): smooth shapes plus sensor-like noise."""
-    import io
-
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -127,8 +130,6 @@ def sample_files(n: int, seed: int = 0) -> list[bytes]:
 
 def decode(data: bytes) -> np.ndarray:
     """Encoded image bytes -> `[H, W, 3]` uint8, as grad_jax reads files."""
-    from tfds_mvtec.mvtec_ad import layout
-
     return images.to_rgb8(layout.open_image(data, "<bytes>"))
 
 
@@ -142,18 +143,10 @@ def summarise_ms(times: Sequence[float]) -> dict[str, float]:
     }
 
 
-def export_untrained(variables, config, out: str) -> str:
-    """Export `variables` (e.g. random weights) as `grad_jax.export` would a run; returns `out`."""
-    trained = TrainedModel(config, variables, 0, {})
-    exported = export.export_program(trained, ("cpu",))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, deploy.MODEL_FILE)
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
-    meta = export.build_meta(trained, exported)
-    meta["model_sha256"] = deploy.sha256_of(path)
-    with open(os.path.join(out, deploy.META_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f)
+def export_untrained(variables: ModelVariables, config, out: str) -> str:
+    """Export `variables` (e.g. random weights) as `grad_jax.export` would a run, for the cpu;
+    returns `out`."""
+    export.write_model_folder(TrainedModel(config, variables, 0, {}), out, ("cpu",))
     return out
 
 
@@ -168,9 +161,88 @@ def _peak_memory() -> dict[str, float]:
     return out
 
 
+def _latency_part(variables: ModelVariables, config, latency_images: int) -> dict[str, Any]:
+    """Batch-1 latency, encoded file -> decision, of `Predictor` and of the exported model."""
+    files = sample_files(latency_images)
+    predictor = Predictor(variables, config, batch_size=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = deploy.load_model(export_untrained(variables, config, tmp), batch_size=1)
+    cases = {"predictor": predictor, "exported": exported}
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for m in cases.values():
+        m.predict([decode(files[0])])  # compile
+    for _ in range(2):  # alternate, so drifting load hits both alike
+        for name, m in cases.items():
+            for data in files:
+                t = time.perf_counter()
+                m.predict([decode(data)])
+                samples[name].append((time.perf_counter() - t) * 1e3)
+    return {
+        "what": "one encoded PNG (600-1000 px) -> decode, resize, predict, decision",
+        **{k: summarise_ms(v) for k, v in samples.items()},
+    }
+
+
+def _infer_part(variables: ModelVariables, config, mesh, images: np.ndarray, steps: int) -> dict:
+    """Inference images/s of the jitted predict function on `images` `[B, H, W, 3]` uint8."""
+    batch = images.shape[0]
+    predict = inference.make_predict_fn(variables, config, mesh)
+    seconds = time_call(lambda: predict(images), steps)
+    result = {"infer_images_per_s": batch / seconds}
+
+    def program(backbone, params, stats, x):
+        m = variables.merge(backbone, params, stats)
+        return m(x).anomaly_map
+
+    flops = _flops(
+        jax.jit(program),
+        variables.backbone,
+        variables.params,
+        variables.batch_stats,
+        jnp.asarray(images),
+    )
+    if flops:
+        result["flops_per_image"] = flops / batch
+        result["infer_flops_per_s"] = flops / seconds
+    return result
+
+
+def _train_part(
+    variables: ModelVariables, config, mesh, images: np.ndarray, steps: int, cached: bool, rng
+) -> dict:
+    """Training images/s (and FLOPs) of one step from `images` or from cached features (drawn
+    from `rng`)."""
+    batch = images.shape[0]
+    part = "train_cached" if cached else "train"
+    tx, _ = make_optimizer(config.train, 100, variables.params)
+    state = sharding.replicate(TrainState.create(variables.params, variables.batch_stats, tx), mesh)
+    backbone = sharding.replicate(variables.backbone, mesh)
+    step = train.make_train_step(variables, tx, mesh, cached, config.seed, config.model.precision)
+    if cached:
+        shapes = feature_cache.feature_shapes(variables, config)
+        local = {f"feature_{i}": rng.random((batch,) + s, np.float32) for i, s in enumerate(shapes)}
+    else:
+        local = {"image": images}
+    batch_arrays = sharding.global_batch(local, mesh)
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], backbone, batch_arrays)
+        jax.block_until_ready(metrics["loss"])
+
+    seconds = time_call(one_step, steps)
+    result = {f"{part}_images_per_s": batch / seconds}
+    flops = _flops(step, holder["state"], backbone, batch_arrays)
+    if flops:
+        result[f"{part}_flops_per_image"] = flops / batch
+        result[f"{part}_flops_per_s"] = flops / seconds
+    return result
+
+
 def run_benchmark(
     config, batch: int, steps: int, pretrained: bool, parts, latency_images: int = 40
 ) -> dict:
+    """The benchmark's figures (see the module docstring) for `config` at global `batch`."""
     config = config.copy_and_resolve_references()
     if tiling_on(config):  # the model sees tiles
         with config.ignore_type():
@@ -198,104 +270,46 @@ def run_benchmark(
         **cpu_info(),
         "jax_version": jax.__version__,
     }
-
     if "latency" in parts:
-        files = sample_files(latency_images)
-        predictor = Predictor(variables, config, batch_size=1)
-        with tempfile.TemporaryDirectory() as tmp:
-            exported = deploy.load_model(export_untrained(variables, config, tmp), batch_size=1)
-        cases = {"predictor": predictor, "exported": exported}
-        samples: dict[str, list[float]] = {k: [] for k in cases}
-        for m in cases.values():
-            m.predict([decode(files[0])])  # compile
-        for _ in range(2):  # alternate, so drifting load hits both alike
-            for name, m in cases.items():
-                for data in files:
-                    t = time.perf_counter()
-                    m.predict([decode(data)])
-                    samples[name].append((time.perf_counter() - t) * 1e3)
-        result["latency_batch1"] = {
-            "what": "one encoded PNG (600-1000 px) -> decode, resize, predict, decision",
-            **{k: summarise_ms(v) for k, v in samples.items()},
-        }
-
+        result["latency_batch1"] = _latency_part(variables, config, latency_images)
     if "infer" in parts:
-        predict = inference.make_predict_fn(variables, config, mesh)
-        seconds = time_call(lambda: predict(images), steps)
-        result["infer_images_per_s"] = batch / seconds
-
-        def program(backbone, params, stats, x):
-            m = variables.merge(backbone, params, stats)
-            return m(x).anomaly_map
-
-        flops = _flops(
-            jax.jit(program),
-            variables.backbone,
-            variables.params,
-            variables.batch_stats,
-            jnp.asarray(images),
-        )
-        if flops:
-            result["flops_per_image"] = flops / batch
-            result["infer_flops_per_s"] = flops / seconds
-
-    tx, _ = make_optimizer(config.train, 100, variables.params)
-
-    def fresh_state():
-        state = TrainState.create(variables.params, variables.batch_stats, tx)
-        return sharding.replicate(state, mesh)
-
-    backbone = sharding.replicate(variables.backbone, mesh)
+        result.update(_infer_part(variables, config, mesh, images, steps))
     for part, cached in (("train", False), ("train_cached", True)):
-        if part not in parts:
-            continue
-        step = train.make_train_step(
-            variables, tx, mesh, cached, config.seed, config.model.precision
-        )
-        if cached:
-            shapes = feature_cache.feature_shapes(variables, config)
-            local = {
-                f"feature_{i}": rng.random((batch,) + s, np.float32) for i, s in enumerate(shapes)
-            }
-        else:
-            local = {"image": images}
-        batch_arrays = sharding.global_batch(local, mesh)
-        holder = {"state": fresh_state()}
-
-        def one_step(step=step, batch_arrays=batch_arrays, holder=holder):
-            holder["state"], metrics = step(holder["state"], backbone, batch_arrays)
-            jax.block_until_ready(metrics["loss"])
-
-        seconds = time_call(one_step, steps)
-        result[f"{part}_images_per_s"] = batch / seconds
-        flops = _flops(step, holder["state"], backbone, batch_arrays)
-        if flops:
-            result[f"{part}_flops_per_image"] = flops / batch
-            result[f"{part}_flops_per_s"] = flops / seconds
+        if part in parts:
+            result.update(_train_part(variables, config, mesh, images, steps, cached, rng))
     result.update(_peak_memory())
     return result
 
 
-def main(argv) -> int:
-    del argv
-    cli.configure_logging()
-    with cli.friendly_errors():
-        result = run_benchmark(
-            FLAGS.config,
-            FLAGS.batch,
-            FLAGS.steps,
-            FLAGS.pretrained,
-            FLAGS.parts,
-            FLAGS.latency_images,
-        )
+def benchmark_command(values: flags.FlagValues, args: list[str]) -> int:
+    """Run the benchmark; print its JSON (and write it to --out)."""
+    result = run_benchmark(
+        values.config,
+        values.batch,
+        values.steps,
+        values.pretrained,
+        values.parts,
+        values.latency_images,
+    )
     text = json.dumps(result, indent=1, sort_keys=True)
     print(text)
-    if FLAGS.out:
-        with open(FLAGS.out, "w", encoding="utf-8") as f:
+    if values.out:
+        with open(values.out, "w", encoding="utf-8") as f:
             f.write(text + "\n")
-    return 0
+    return cli.EXIT_OK
+
+
+def main(argv: Sequence[str]) -> int:
+    """The command line (`argv[0]` is the program name); returns the exit status."""
+    return cli.run_command(
+        argv, __doc__, define_flags, benchmark_command, config="configs/unified.py"
+    )
+
+
+def run() -> None:
+    """Console entry point: `python -m grad_jax.benchmark`."""
+    sys.exit(main(sys.argv))
 
 
 if __name__ == "__main__":
-    _define_flags()
-    sys.exit(app.run(main))
+    run()

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from grad_jax import checkpointing, cli, run_folder, weights
-from grad_jax.config import load_config_file
-from grad_jax.errors import ConversionError
+from grad_jax.errors import ConversionError, UsageError
 from grad_jax.files import atomic_write
 from grad_jax.models.model import ModelVariables, build_model
 from grad_jax.optim import make_optimizer
 from grad_jax.train_state import TrainState
 
 USAGE = """\
+usage:
 python -m grad_jax.convert --torch-checkpoint=ckpt_best.pth.tar --config=configs/unified.py \\
     --workdir=DIR
     An official CRAD checkpoint -> a grad_jax run folder (evaluate with
@@ -74,44 +76,50 @@ def convert_backbone_file(weights_file: str, config, out: str) -> int:
     return len(arrays)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m grad_jax.convert",
-        usage=USAGE,
-        description="Convert PyTorch checkpoints to grad_jax.",
+def define_flags(values: flags.FlagValues) -> None:
+    """The flags of `python -m grad_jax.convert` (--config comes with `cli.run_command`)."""
+    flags.DEFINE_string(
+        "torch-checkpoint", None, "Official CRAD training checkpoint.", flag_values=values
     )
-    parser.add_argument("--torch-checkpoint", help="official CRAD training checkpoint")
-    parser.add_argument("--torch-backbone", help="lukemelas EfficientNet .pth")
-    parser.add_argument("--config", required=True, help="config file, e.g. configs/unified.py")
-    parser.add_argument("--workdir", help="output run folder (with --torch-checkpoint)")
-    parser.add_argument("--out", help="output .npz (with --torch-backbone)")
-    args = parser.parse_args(argv)
-    if bool(args.torch_checkpoint) == bool(args.torch_backbone):
-        parser.error("give exactly one of --torch-checkpoint or --torch-backbone")
-    cli.configure_logging()
-    with cli.friendly_errors():
-        config = load_config_file(args.config)
-        if args.torch_checkpoint:
-            if not args.workdir:
-                parser.error("--torch-checkpoint needs --workdir")
-            record = convert_crad_checkpoint(args.torch_checkpoint, config, args.workdir)
-            print(
-                f"converted {args.torch_checkpoint} -> {args.workdir} "
-                f"(source epoch {record['source_metadata'].get('epoch', '?')})"
-            )
-        else:
-            if not args.out:
-                parser.error("--torch-backbone needs --out")
-            n = convert_backbone_file(args.torch_backbone, config, args.out)
-            print(f"converted {args.torch_backbone} -> {args.out} ({n} tensors)")
+    flags.DEFINE_string("torch-backbone", None, "lukemelas EfficientNet .pth.", flag_values=values)
+    flags.DEFINE_string(
+        "workdir", None, "Output run folder (with --torch-checkpoint).", flag_values=values
+    )
+    flags.DEFINE_string("out", None, "Output .npz (with --torch-backbone).", flag_values=values)
+
+
+def convert_command(values: flags.FlagValues, args: list[str]) -> int:
+    """Check the flags, convert the one file given, and print what was written."""
+    checkpoint, backbone = values["torch-checkpoint"].value, values["torch-backbone"].value
+    if values.config is None:
+        raise UsageError("--config is required (e.g. --config=configs/unified.py)")
+    if bool(checkpoint) == bool(backbone):
+        raise UsageError("give exactly one of --torch-checkpoint or --torch-backbone")
+    if checkpoint:
+        if not values.workdir:
+            raise UsageError("--torch-checkpoint needs --workdir")
+        record = convert_crad_checkpoint(checkpoint, values.config, values.workdir)
+        print(
+            f"converted {checkpoint} -> {values.workdir} "
+            f"(source epoch {record['source_metadata'].get('epoch', '?')})"
+        )
+    else:
+        if not values.out:
+            raise UsageError("--torch-backbone needs --out")
+        n = convert_backbone_file(backbone, values.config, values.out)
+        print(f"converted {backbone} -> {values.out} ({n} tensors)")
     sys.stdout.flush()
-    return 0
+    return cli.EXIT_OK
+
+
+def main(argv: Sequence[str]) -> int:
+    """The command line (`argv[0]` is the program name); returns the exit status."""
+    return cli.run_command(argv, USAGE, define_flags, convert_command, config=cli.REQUIRED)
 
 
 def run() -> None:
-    sys.exit(main())
+    """Console-script entry point (`grad-jax-convert`)."""
+    sys.exit(main(sys.argv))
 
 
 if __name__ == "__main__":

@@ -19,16 +19,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
+from absl import flags
+from jax import export as jax_export
 
-from grad_jax import checkpointing, deploy, images, inference
+from grad_jax import checkpointing, cli, deploy, images, inference
+from grad_jax.errors import UsageError
 from grad_jax.files import atomic_write_bytes, atomic_write_json
 from grad_jax.run_folder import TrainedModel, load_trained
 
 
 def export_program(trained: TrainedModel, platforms: Sequence[str] = deploy.PLATFORMS):
     """The `jax.export.Exported` of the predict program of `trained`, batch dim symbolic."""
-    from jax import export
-
     variables = trained.variables
     program = inference.predict_program(variables, trained.config)
     weights = jax.tree.map(
@@ -38,16 +40,14 @@ def export_program(trained: TrainedModel, platforms: Sequence[str] = deploy.PLAT
     def predict(images_uint8):
         return program(*weights, images_uint8)
 
-    (n,) = export.symbolic_shape("n")
+    (n,) = jax_export.symbolic_shape("n")
     h, w = (int(x) for x in trained.config.data.image_size)
     spec = jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8)
-    return export.export(jax.jit(predict), platforms=tuple(platforms))(spec)
+    return jax_export.export(jax.jit(predict), platforms=tuple(platforms))(spec)
 
 
 def build_meta(trained: TrainedModel, exported: Any) -> dict[str, Any]:
     """meta.json without the model file's digest (added once the file is written)."""
-    import jaxlib
-
     config = trained.config
     h, w = (int(x) for x in config.data.image_size)
     meta = trained.meta
@@ -94,18 +94,14 @@ def build_meta(trained: TrainedModel, exported: Any) -> dict[str, Any]:
     }
 
 
-def export_workdir(
-    workdir: str,
-    out: str,
-    step: int | None = None,
-    platforms: Sequence[str] = deploy.PLATFORMS,
+def write_model_folder(
+    trained: TrainedModel, out: str, platforms: Sequence[str] = deploy.PLATFORMS
 ) -> dict[str, Any]:
-    """Export the run in `workdir` (its latest checkpoint, or `step`) into folder `out`.
+    """Export `trained` into folder `out`: `model.jaxexport` and `meta.json`.
 
     Both files are written under temporary names and renamed, meta.json last, so a folder
     that holds a meta.json is complete. Returns the meta.
     """
-    trained = load_trained(workdir, step=step)
     exported = export_program(trained, platforms)
     data = exported.serialize()
     meta = build_meta(trained, exported)
@@ -121,12 +117,19 @@ def export_workdir(
     return meta
 
 
-def main(argv: Sequence[str]) -> int:
-    from absl import flags
+def export_workdir(
+    workdir: str,
+    out: str,
+    step: int | None = None,
+    platforms: Sequence[str] = deploy.PLATFORMS,
+) -> dict[str, Any]:
+    """Export the run in `workdir` (its latest checkpoint, or `step`) into folder `out`
+    (`write_model_folder`). Returns the meta."""
+    return write_model_folder(load_trained(workdir, step=step), out, platforms)
 
-    from grad_jax import cli
 
-    values = flags.FlagValues()
+def define_flags(values: flags.FlagValues) -> None:
+    """The flags of `python -m grad_jax.export`."""
     flags.DEFINE_string("workdir", None, "Run folder of a trained model.", flag_values=values)
     flags.DEFINE_string(
         "out", None, "Folder for model.jaxexport and meta.json.", flag_values=values
@@ -135,14 +138,11 @@ def main(argv: Sequence[str]) -> int:
     flags.DEFINE_list(
         "platforms", list(deploy.PLATFORMS), "Platforms to lower for.", flag_values=values
     )
-    try:
-        rest = values(list(argv))[1:]
-    except flags.Error as err:
-        print(f"grad_jax: error: {err}", file=sys.stderr)
-        return cli.EXIT_USER_ERROR
+
+
+def export_command(values: flags.FlagValues, args: list[str]) -> int:
+    """Check the flags (every problem in one line), export, and print what was written."""
     problems = []
-    if rest:
-        problems.append(f"unexpected arguments: {' '.join(rest)}")
     if not values.workdir:
         problems.append("--workdir is required (the run folder of a trained model)")
     if not values.out:
@@ -153,24 +153,24 @@ def main(argv: Sequence[str]) -> int:
     if unknown:
         problems.append(f"--platforms: unknown {', '.join(unknown)} (cpu, cuda, rocm, tpu)")
     if problems:
-        print(f"grad_jax: error: {'; '.join(problems)}", file=sys.stderr)
-        return cli.EXIT_USER_ERROR
-    cli.configure_logging()
-    try:
-        with cli.friendly_errors():
-            meta = export_workdir(values.workdir, values.out, values.step, values.platforms)
-    except SystemExit as err:  # a user error, already printed as one line
-        return int(err.code or 0)
+        raise UsageError("; ".join(problems))
+    meta = export_workdir(values.workdir, values.out, values.step, values.platforms)
     size = meta["model_bytes"] / 2**20
     print(
         f"grad_jax: exported step {meta['checkpoint_step']} of {values.workdir} to {values.out} "
         f"({deploy.MODEL_FILE} {size:.1f} MiB for {', '.join(meta['platforms'])}; "
         f"classes: {', '.join(meta['categories']) or 'unknown'})"
     )
-    return 0
+    return cli.EXIT_OK
+
+
+def main(argv: Sequence[str]) -> int:
+    """The command line (`argv[0]` is the program name); returns the exit status."""
+    return cli.run_command(argv, __doc__, define_flags, export_command)
 
 
 def run() -> None:
+    """Console-script entry point (`grad-jax-export`)."""
     sys.exit(main(sys.argv))
 
 

@@ -52,3 +52,13 @@ def atomic_write_text(path: str, text: str) -> None:
 def atomic_write_json(path: str, value: Any, **dump_options: Any) -> None:
     """`value` as JSON (`dump_options` go to `json.dumps`, e.g. indent, sort_keys, default)."""
     atomic_write_text(path, json.dumps(value, **dump_options))
+
+
+def unique_name(stem: str, taken: set[str], ext: str = "") -> str:
+    """`stem + ext`, or `stem_2 + ext`, `stem_3 + ext`, ... : the first not in `taken` (compared
+    case-insensitively, for case-insensitive file systems), which it is added to (lower-cased)."""
+    candidate, k = stem + ext, 2
+    while candidate.lower() in taken:
+        candidate, k = f"{stem}_{k}{ext}", k + 1
+    taken.add(candidate.lower())
+    return candidate

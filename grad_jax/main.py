@@ -8,40 +8,48 @@ the final model (with --config.select=auto it first chooses the recipe: selectio
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from grad_jax import cli, evaluate, selection, train
 from grad_jax.config import DEFAULT_CONFIG
-
-config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file, e.g. configs/unified.py.", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, report.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and evaluate) or only evaluate.")
-FLAGS = flags.FLAGS
+from grad_jax.errors import UsageError
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required (the folder for checkpoints and results)")
-    cli.configure_logging()
-    with cli.friendly_errors():
-        if FLAGS.mode == "train" and FLAGS.config.get("select"):
-            selection.select_and_train(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.mode == "train":
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        else:
-            evaluate.evaluate_workdir(FLAGS.workdir, FLAGS.config)
-    return 0
+def define_flags(values: flags.FlagValues) -> None:
+    """--workdir and --mode (--config comes with `cli.run_command`)."""
+    flags.DEFINE_string(
+        "workdir", None, "Run folder: checkpoints, metrics, report.", flag_values=values
+    )
+    flags.DEFINE_enum(
+        "mode", "train", ["train", "eval"], "Train (and evaluate) or only evaluate.",
+        flag_values=values,
+    )  # fmt: skip
+
+
+def train_or_evaluate(values: flags.FlagValues, args: list[str]) -> int:
+    """Train (choosing the recipe first with config.select) or evaluate --workdir."""
+    if not values.workdir:
+        raise UsageError("--workdir is required (the folder for checkpoints and results)")
+    if values.mode == "train" and values.config.get("select"):
+        selection.select_and_train(values.config, values.workdir)
+    elif values.mode == "train":
+        train.train_and_evaluate(values.config, values.workdir)
+    else:
+        evaluate.evaluate_workdir(values.workdir, values.config)
+    return cli.EXIT_OK
+
+
+def main(argv: Sequence[str]) -> int:
+    """The command line (`argv[0]` is the program name); returns the exit status."""
+    return cli.run_command(argv, __doc__, define_flags, train_or_evaluate, config=DEFAULT_CONFIG)
 
 
 def run() -> None:
-    app.run(main, flags_parser=cli.parse_flags)
+    """Console-script entry point (`grad-jax`)."""
+    sys.exit(main(sys.argv))
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    run()

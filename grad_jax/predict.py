@@ -42,18 +42,20 @@ import zipfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image
+from tqdm import auto as tqdm
 
 from grad_jax import cli, heatmap
 from grad_jax.decisions import Prediction
-from grad_jax.errors import UsageError, UserError
-from grad_jax.files import atomic_write_bytes, remove, temp_name
+from grad_jax.errors import UsageError
+from grad_jax.files import atomic_write_bytes, remove, temp_name, unique_name
 from grad_jax.images import read_image, to_rgb8
 from grad_jax.predictor import Predictor, upsample_map
 from tfds_mvtec.mvtec_ad import layout
 
 #: The exit statuses of the command line.
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = cli.EXIT_OK, 1, cli.EXIT_USER_ERROR
 OVERLAY_DIR = "overlays"
 CSV_COLUMNS = ["file", "score", "decision", "threshold", "category", "calibrated", "overlay"]
 
@@ -120,12 +122,8 @@ def collect_inputs(
         if real in seen:
             continue
         seen.add(real)
-        candidate, k = key, 2
         stem, ext = posixpath.splitext(key)
-        while candidate.lower() in taken:
-            candidate, k = f"{stem}_{k}{ext}", k + 1
-        taken.add(candidate.lower())
-        out.append((path, candidate))
+        out.append((path, unique_name(stem, taken, ext)))
     return out, failed
 
 
@@ -215,8 +213,6 @@ def write_outputs(
     Every output is written under a temporary name and renamed when complete. Returns (number
     of images scored, [(path, reason)] of the files that could not be read).
     """
-    from tqdm import auto as tqdm
-
     os.makedirs(out, exist_ok=True)
     threshold = predictor.threshold
     fixed_range = threshold is not None and threshold > 0
@@ -248,19 +244,8 @@ def write_outputs(
                     continue
                 key = keys[path]
                 scored.append((path, key))
-                decision = {None: "", True: "anomalous", False: "normal"}[p.is_anomalous]
                 anomalous += bool(p.is_anomalous)
-                writer.writerow(
-                    [
-                        key,
-                        _fmt(p.score),
-                        decision,
-                        _fmt(p.threshold),
-                        p.category or "",
-                        _fmt(p.calibrated),
-                        overlay_of[key],
-                    ]
-                )
+                writer.writerow(_csv_row(key, p, overlay_of[key]))
                 npz.add(key, p.anomaly_map)
                 if fixed_range:
                     overlay = os.path.join(temps[OVERLAY_DIR], overlay_of[key])
@@ -272,7 +257,7 @@ def write_outputs(
         npz.close()
         npz = None
         if not fixed_range and scored:
-            _overlays_from_maps(predictor, scored, temps, vmin, vmax, progress, tqdm)
+            _overlays_from_maps(scored, temps, vmin, vmax, progress)
         if not scored:
             vmin = vmax = math.nan
         readme = _readme(
@@ -280,12 +265,7 @@ def write_outputs(
         )
         with open(temps["README.txt"], "w", encoding="utf-8") as f:
             f.write(readme)
-        os.replace(temps["maps.npz"], final["maps.npz"])
-        if os.path.lexists(final[OVERLAY_DIR]):
-            os.replace(final[OVERLAY_DIR], old_overlays)
-        os.replace(temps[OVERLAY_DIR], final[OVERLAY_DIR])
-        os.replace(temps["README.txt"], final["README.txt"])
-        os.replace(temps["scores.csv"], final["scores.csv"])  # last: the run is complete
+        _publish(temps, final, old_overlays)
     finally:
         if npz is not None:
             npz.close()
@@ -294,7 +274,24 @@ def write_outputs(
     return len(scored), failed
 
 
-def _overlays_from_maps(predictor, scored, temps, vmin, vmax, progress, tqdm) -> None:
+def _csv_row(key: str, p: Prediction, overlay: str) -> list[str]:
+    """One row of scores.csv (`CSV_COLUMNS`)."""
+    decision = {None: "", True: "anomalous", False: "normal"}[p.is_anomalous]
+    calibrated = _fmt(p.calibrated)
+    return [key, _fmt(p.score), decision, _fmt(p.threshold), p.category or "", calibrated, overlay]
+
+
+def _publish(temps: dict[str, str], final: dict[str, str], old_overlays: str) -> None:
+    """Rename the complete temporary outputs onto their names, scores.csv last."""
+    os.replace(temps["maps.npz"], final["maps.npz"])
+    if os.path.lexists(final[OVERLAY_DIR]):
+        os.replace(final[OVERLAY_DIR], old_overlays)
+    os.replace(temps[OVERLAY_DIR], final[OVERLAY_DIR])
+    os.replace(temps["README.txt"], final["README.txt"])
+    os.replace(temps["scores.csv"], final["scores.csv"])  # last: the run is complete
+
+
+def _overlays_from_maps(scored, temps, vmin, vmax, progress) -> None:
     """Second pass when the colour range comes from all maps: re-read image and map."""
     overlay_of = overlay_names([key for _, key in scored])
     with np.load(temps["maps.npz"]) as maps:
@@ -374,10 +371,8 @@ def _readme(predictor, scored, failed, anomalous, threshold_source, vmin, vmax) 
 # --------------------------------------------------------------------------------------------
 
 
-def _define_flags():
-    from absl import flags
-
-    values = flags.FlagValues()
+def define_flags(values: flags.FlagValues) -> None:
+    """The flags of `python -m grad_jax.predict` (the PATHs follow them)."""
     flags.DEFINE_string("workdir", None, "Run folder of a trained model.", flag_values=values)
     flags.DEFINE_string(
         "out", None, "Folder for scores.csv, maps.npz, overlays/.", flag_values=values
@@ -396,83 +391,69 @@ def _define_flags():
         "step", None, "Checkpoint step (default: the latest readable).", flag_values=values
     )
     flags.DEFINE_boolean("progress", True, "Show a progress bar.", flag_values=values)
-    return values
 
 
-def _usage(values) -> str:
-    return (
-        "usage: python -m grad_jax.predict --workdir=DIR --out=OUT PATH [PATH ...]\n\n"
-        + "PATHs are"
-        + (__doc__ or "").split("PATHs are", 1)[-1].rstrip()
-        + "\n\nflags:\n"
-        + values.get_help(include_special_flags=False)
-    )
+USAGE = (
+    "usage: python -m grad_jax.predict --workdir=DIR --out=OUT PATH [PATH ...]\n\n"
+    + "PATHs are"
+    + (__doc__ or "").split("PATHs are", 1)[-1].rstrip()
+)
 
 
-def main(argv: Sequence[str]) -> int:
-    """The command line (`argv[0]` is the program name); returns the exit status."""
-    from absl import flags
-
-    values = _define_flags()
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(_usage(values))
-        return EXIT_OK
-
-    def usage_error(message: str) -> int:
-        print(f"grad_jax: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-
-    try:
-        paths = values(list(argv))[1:]
-    except flags.Error as err:
-        return usage_error(str(err))
-    if paths and paths[0] == "--":
-        paths = paths[1:]
+def _check_flags(values: flags.FlagValues, paths: Sequence[str]) -> None:
+    """Usage errors before any file is read or written."""
     if not values.workdir:
-        return usage_error("--workdir is required (the run folder of a trained model)")
+        raise UsageError("--workdir is required (the run folder of a trained model)")
     if not values.out:
-        return usage_error("--out is required (the folder for the results)")
+        raise UsageError("--out is required (the folder for the results)")
     if not paths:
-        return usage_error("no images given: pass image files or folders after the flags")
+        raise UsageError("no images given: pass image files or folders after the flags")
     if values.batch_size < 1:
-        return usage_error(f"--batch_size must be at least 1, got {values.batch_size}")
+        raise UsageError(f"--batch_size must be at least 1, got {values.batch_size}")
     if os.path.exists(values.out) and not os.path.isdir(values.out):
-        return usage_error(f"--out={values.out} is a file, not a folder")
+        raise UsageError(f"--out={values.out} is a file, not a folder")
     if values.threshold is not None and values.category is not None:
-        return usage_error("give either --threshold or --category, not both")
+        raise UsageError("give either --threshold or --category, not both")
 
-    cli.configure_logging()
+
+def _report_unreadable(path: str, reason: str) -> None:
+    tqdm.tqdm.write(f"grad_jax: cannot read {path}: {reason}", file=sys.stderr)
+
+
+def predict_paths(values: flags.FlagValues, paths: list[str]) -> int:
+    """Score the images at `paths` with the run --workdir and write the results to --out."""
+    _check_flags(values, paths)
     files, failed = collect_inputs(paths, exclude=values.out)
-
-    def report(path: str, reason: str) -> None:
-        from tqdm import auto as tqdm
-
-        tqdm.tqdm.write(f"grad_jax: cannot read {path}: {reason}", file=sys.stderr)
-
-    with cli.friendly_errors():
-        try:
-            batch = max(1, min(values.batch_size, len(files)))
-            predictor = Predictor.from_workdir(values.workdir, values.step, batch_size=batch)
-            threshold, source = resolve_threshold(predictor, values.threshold, values.category)
-        except UserError as err:
-            return usage_error(str(err))
-        if values.threshold is not None:
-            predictor.threshold = threshold
-        elif values.category is None and len(predictor.categories) > 1:
-            source = "per image: the run's threshold for its class (given or recognised)"
-        for path, reason in failed:
-            report(path, reason)
-        n, unreadable = write_outputs(
-            predictor, files, values.out, source, report, values.progress, failed, values.category
-        )
+    batch = max(1, min(values.batch_size, len(files)))
+    predictor = Predictor.from_workdir(values.workdir, values.step, batch_size=batch)
+    threshold, source = resolve_threshold(predictor, values.threshold, values.category)
+    if values.threshold is not None:
+        predictor.threshold = threshold
+    elif values.category is None and len(predictor.categories) > 1:
+        source = "per image: the run's threshold for its class (given or recognised)"
+    for path, reason in failed:
+        _report_unreadable(path, reason)
+    n, unreadable = write_outputs(
+        predictor,
+        files,
+        values.out,
+        source,
+        _report_unreadable,
+        values.progress,
+        failed,
+        values.category,
+    )
     failed += unreadable
-    flagged = ""
-    if threshold is not None:
-        flagged = f" (threshold {threshold:.6g})"
+    flagged = "" if threshold is None else f" (threshold {threshold:.6g})"
     print(
         f"grad_jax: scored {n} image(s){flagged}, {len(failed)} unreadable; results in {values.out}"
     )
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def main(argv: Sequence[str]) -> int:
+    """The command line (`argv[0]` is the program name); returns the exit status."""
+    return cli.run_command(argv, USAGE, define_flags, predict_paths, positional_args=True)
 
 
 def run() -> None:

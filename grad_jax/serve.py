@@ -16,15 +16,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from grad_jax import uploads
+from absl import flags
 
-EXIT_OK, EXIT_USAGE = 0, 2
+from grad_jax import cli, served_model, service, uploads
+from grad_jax.errors import UsageError
 
 
-def _define_flags():
-    from absl import flags
-
-    v = flags.FlagValues()
+def define_flags(v: flags.FlagValues) -> None:
+    """The flags of `python -m grad_jax.serve`."""
     flags.DEFINE_string("model", None, "Exported model folder (grad_jax.export).", flag_values=v)
     flags.DEFINE_string("workdir", None, "Training run folder (instead of --model).", flag_values=v)
     flags.DEFINE_integer(
@@ -50,74 +49,52 @@ def _define_flags():
     flags.DEFINE_integer(
         "overlay_side", limits.overlay_side, "Longer side of overlay PNGs.", flag_values=v
     )
-    return v
 
 
-def main(argv: Sequence[str]) -> int:
-    """The command line (`argv[0]` is the program name); returns the exit status."""
-    from absl import flags
-
-    values = _define_flags()
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(
-            (__doc__ or "").strip() + "\n\nflags:\n" + values.get_help(include_special_flags=False)
-        )
-        return EXIT_OK
-
-    def usage_error(message: str) -> int:
-        print(f"grad_jax: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-
+def _limits(values: flags.FlagValues) -> uploads.Limits:
     try:
-        extra = values(list(argv))[1:]
-    except flags.Error as err:
-        return usage_error(str(err))
-    if extra:
-        return usage_error(f"unexpected arguments: {' '.join(extra)}")
-    if (values.model is None) == (values.workdir is None):
-        return usage_error("give exactly one of --model=MODEL_DIR and --workdir=RUN_DIR")
-    if values.batch_size < 1:
-        return usage_error(f"--batch_size must be at least 1, got {values.batch_size}")
-    try:
-        limits = uploads.Limits(
+        return uploads.Limits(
             max_file_bytes=values.max_file_bytes,
             max_files=values.max_files,
             max_pixels=values.max_pixels,
             overlay_side=values.overlay_side,
         )
     except ValueError as err:
-        return usage_error(f"--{err}")
+        raise UsageError(f"--{err}") from err
 
-    try:
+
+def serve_command(values: flags.FlagValues, args: list[str]) -> int:
+    """Check the flags, load the model and serve it until stopped."""
+    if (values.model is None) == (values.workdir is None):
+        raise UsageError("give exactly one of --model=MODEL_DIR and --workdir=RUN_DIR")
+    if values.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {values.batch_size}")
+    limits = _limits(values)
+    try:  # the [serve] extra, imported only by this command
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401 - for the uploads
         import uvicorn
     except ImportError as err:
-        return usage_error(
+        raise UsageError(
             f"the service needs FastAPI, uvicorn and python-multipart ({err}): "
             'pip install -e ".[serve]"'
+        ) from err
+    try:
+        model = served_model.load_model(
+            values.model, values.workdir, batch_size=values.batch_size, step=values.step
         )
+        app = service.create_app(
+            model, limits, max_wait_ms=values.max_wait_ms, max_queue=values.max_queue
+        )
+    except (served_model.ModelUnavailable, FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    uvicorn.run(app, host=values.host, port=values.port, log_level="info")
+    return cli.EXIT_OK
 
-    from grad_jax import checkpointing, cli, served_model, service
 
-    cli.configure_logging()
-    with cli.friendly_errors():
-        try:
-            model = served_model.load_model(
-                values.model, values.workdir, batch_size=values.batch_size, step=values.step
-            )
-            app = service.create_app(
-                model, limits, max_wait_ms=values.max_wait_ms, max_queue=values.max_queue
-            )
-        except (
-            served_model.ModelUnavailable,
-            FileNotFoundError,
-            ValueError,
-            checkpointing.CheckpointMismatchError,
-        ) as err:
-            return usage_error(str(err))
-        uvicorn.run(app, host=values.host, port=values.port, log_level="info")
-    return EXIT_OK
+def main(argv: Sequence[str]) -> int:
+    """The command line (`argv[0]` is the program name); returns the exit status."""
+    return cli.run_command(argv, __doc__, define_flags, serve_command)
 
 
 def run() -> None:

@@ -10,6 +10,9 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from grad_jax import deploy
+from grad_jax.predictor import Predictor
+
 
 class ServedModel(Protocol):
     """What the service needs of a model (Predictor and the exported model both offer it)."""
@@ -67,9 +70,5 @@ def load_model(
     if (model_dir is None) == (workdir is None):
         raise ModelUnavailable("give exactly one of --model=MODEL_DIR and --workdir=RUN_DIR")
     if model_dir is not None:
-        from grad_jax import deploy  # only the loader this kind of folder needs
-
         return deploy.load_model(model_dir, batch_size=batch_size)
-    from grad_jax.predictor import Predictor
-
     return PredictorModel(Predictor.from_workdir(workdir, step=step, batch_size=batch_size))

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from grad_jax.files import atomic_write_text
+from grad_jax.files import atomic_write_text, unique_name
 from grad_jax.report import figures, html
 
 __all__ = ["PLOT_PIXELS", "REPORT_DIR", "safe_name", "write_report"]
@@ -46,12 +46,7 @@ def safe_name(name: str, taken: set[str] | None = None) -> str:
     """A file-name-safe version of `name` (letters, digits, '.', '_', '-'), unique in `taken`
     (compared case-insensitively, for case-insensitive file systems), which it is added to."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")[:80] or "category"
-    candidate, k = base, 2
-    while taken is not None and candidate.lower() in taken:
-        candidate, k = f"{base}_{k}", k + 1
-    if taken is not None:
-        taken.add(candidate.lower())
-    return candidate
+    return base if taken is None else unique_name(base, taken)
 
 
 @dataclasses.dataclass
