@@ -25,7 +25,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from grad_jax.config import load_config_file, resolve_config_path
+from grad_jax.config import load_config_file, resolve_config_flags, resolve_config_path
 from grad_jax.errors import UsageError, UserError
 
 EXIT_OK = 0
@@ -84,7 +84,7 @@ def run_command(
     `config`: give the command `--config` (an `ml_collections` config file, with overrides such
     as `--config.train.epochs=3`) defaulting to this file; `REQUIRED` for no default.
     """
-    argv = [_resolved(a) for a in argv]
+    argv = resolve_config_flags(list(argv))
     values = flags.FlagValues()
     if config is not None:
         config_flags.DEFINE_config_file(
@@ -157,10 +157,3 @@ def _check_config_file(argv: list[str]) -> None:
     spec = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--config=")), "")
     if spec:
         load_config_file(spec)
-
-
-def _resolved(arg: str) -> str:
-    """`--config=configs/x.py` names the shipped config when no such file is here."""
-    if arg.startswith("--config="):
-        return "--config=" + resolve_config_path(arg[len("--config=") :])
-    return arg
