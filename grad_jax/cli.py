@@ -37,11 +37,19 @@ REQUIRED = ""
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """grad_jax's own messages at INFO; Orbax, TFDS and absl chatter only from WARNING up."""
-    absl_logging.set_verbosity(absl_logging.DEBUG if verbose else absl_logging.WARNING)
+    """grad_jax's own messages at INFO (on stderr, `LEVEL logger: message`); what Orbax and
+    TFDS log through absl only from ERROR up (their warnings are routine: a read-only checkpoint
+    folder, a custom dataset configuration), other libraries from WARNING up."""
+    absl_logging.set_verbosity(absl_logging.DEBUG if verbose else absl_logging.ERROR)
     root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    # Orbax and grain add a default stderr handler to the root logger when they are imported;
+    # ours replaces it (handlers of other types, e.g. pytest's or a notebook's, stay).
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    ours = logging.StreamHandler()
+    ours.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(ours)
     root.setLevel(logging.WARNING)
     logging.getLogger("grad_jax").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("tfds_mvtec").setLevel(logging.INFO)
