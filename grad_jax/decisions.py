@@ -1,6 +1,6 @@
 """What a score means: the result type, calibrated values, thresholds and class recognition.
 
-Shared by `grad_jax.predict.Predictor` and the exported model (`grad_jax.deploy`), so it needs
+Shared by `grad_jax.predictor.Predictor` and the exported model (`grad_jax.deploy`), so it needs
 numpy only. Everything here reads the model's meta (a JSON-able dict):
 
 - `meta["threshold"]`: the run's decision threshold, set at training time from held-out normal

@@ -1,6 +1,6 @@
 """The model behind the inspection service: what it must offer, and how to load one.
 
-`ServedModel` is the interface shared by `grad_jax.predict.Predictor` and the exported model
+`ServedModel` is the interface shared by `grad_jax.predictor.Predictor` and the exported model
 (`grad_jax.deploy.load_model`): `predict(images, categories=None) -> list[Prediction]`,
 `image_size`, `categories`, `meta`, `batch_size`. `PredictorModel` puts a run folder's
 Predictor behind it; `load_model` opens either kind of folder.
