@@ -262,7 +262,7 @@ def _calibrate_and_save(run, state, final, predict, categories, held_items, cach
     meta = {
         "threshold": calibration.decision_threshold(predict, categories, held_items, config),
         "class_centres": calibration.class_centres(
-            final, cache and cache[0], run.source, config, run.mesh
+            final, None if cache is None else cache[0], run.source, config, run.mesh
         ),
         "categories": [c.name for c in categories],
     }
