@@ -14,7 +14,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "scipy>=1.11",
     "pillow>=10",
-    # jax.export serialisation (grad_jax.export, grad_jax.deploy) needs it; jax does not require it.
+    # jax.export serialisation (grad_jax.export, grad_jax.inference.exported_model) needs it;
+    # jax does not require it.
     "flatbuffers>=24",
     "tqdm>=4.66",
     "matplotlib>=3.8",
@@ -59,9 +60,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["grad_jax", "grad_jax.*", "tfds_mvtec", "tfds_mvtec.*"]),
+    # The shipped configs live in the top-level configs/ folder and install as grad_jax.configs.
+    packages=find_packages(include=["grad_jax", "grad_jax.*", "tfds_mvtec", "tfds_mvtec.*"])
+    + ["grad_jax.configs"],
+    package_dir={"grad_jax.configs": "configs"},
     package_data={
-        "grad_jax": ["serve_page.html"],
+        "grad_jax.serving": ["page.html"],
         "tfds_mvtec": [
             "*/CITATIONS.bib",
             "*/README.md",

@@ -16,59 +16,31 @@ import pathlib
 import sys
 
 # Bottom to top. A module may import modules of its own layer (without a cycle) and below.
-# Module names are relative to the package; "models" stands for every module under models/.
+# Module names are relative to the package; a folder ("models") stands for every module in it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("errors", ("errors",)),
-    (
-        "foundations",
-        (
-            "files",
-            "precision",
-            "sharding",
-            "tiling",
-            "scoring",
-            "metrics",
-            "optim",
-            "decisions",
-            "images",
-            "heatmap",
-            "torch_pickle",
-            "batching",
-            "train_state",
-            "synthetic_defects",
-            "demo",
-        ),
-    ),
+    ("foundations", ("files", "devices")),
     ("models", ("models",)),
     ("config and weights", ("config", "configs", "weights")),
-    ("run folders", ("checkpointing", "run_folder")),
-    ("data", ("input_pipeline", "synthetic_validation")),
-    ("inference", ("inference", "predictor", "deploy")),
-    (
-        "evaluation and training",
-        (
-            "report",
-            "evaluate",
-            "calibration",
-            "feature_cache",
-            "run_records",
-            "train",
-            "selection",
-        ),
-    ),
-    ("serving", ("uploads", "served_model", "service")),
+    ("data", ("data",)),
+    ("runs", ("runs",)),
+    ("inference", ("inference",)),
+    ("evaluation", ("evaluation",)),
+    ("training", ("training",)),
+    ("selection", ("selection",)),
+    ("serving", ("serving",)),
     ("commands", ("cli", "main", "predict", "convert", "export", "serve", "benchmark")),
 )
 
 # Project imports inside functions that are allowed, and why (importer -> {imported: reason}).
 LAZY: dict[str, dict[str, str]] = {
-    "served_model": {
-        "deploy": "serving an exported model loads only its light loader",
-        "predictor": "serving a run folder: keeps the training stack out of the exported case",
+    "serving.served_model": {
+        "inference.exported_model": "serving an exported model loads only its light loader",
+        "inference.predictor": "a run folder: the training stack stays out of the exported case",
     },
     "serve": {
-        "service": "fastapi (the [serve] extra) loads after the flags are checked",
-        "served_model": "the model loads after the flags are checked",
+        "serving.service": "fastapi (the [serve] extra) loads after the flags are checked",
+        "serving.served_model": "the model loads after the flags are checked",
     },
 }
 
@@ -144,8 +116,7 @@ def check(package_dir: pathlib.Path) -> list[str]:
                     f"{module} ({LAYERS[layer][0]}) imports {target} "
                     f"({LAYERS[target_layer][0]}), a higher layer"
                 )
-            top = module.split(".")[0]
-            if in_function and _resolve_top(target) not in LAZY.get(top, {}):
+            if in_function and target not in LAZY.get(module, {}):
                 problems.append(
                     f"{module} imports {target} inside a function; import it at the top, or "
                     "list it in LAZY with the reason (a heavy optional dependency)"
@@ -159,10 +130,6 @@ def _resolve(target: str, modules: dict) -> str | None:
     while target and target not in modules:
         target = target.rpartition(".")[0]
     return target or None
-
-
-def _resolve_top(target: str) -> str:
-    return target.split(".")[0]
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[str]:

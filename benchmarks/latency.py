@@ -9,7 +9,8 @@ PNG files (600-1000 px) and the same thread count (GRAD_JAX_BENCH_THREADS, defau
 measurements alternating between the contestants image by image so drifting load hits all
 alike. Contestants:
 
-- `grad_jax_exported`: `python -m grad_jax.export`'s model loaded with `grad_jax.deploy`;
+- `grad_jax_exported`: `python -m grad_jax.export`'s model loaded with
+  `grad_jax.inference.exported_model`;
 - `grad_jax_predictor`: `grad_jax.predict.Predictor` (batch_size=1);
 - `torch_eager_official`: the PyTorch model of the parity tests (tests/torch_reference.py) run
   as the official code runs it, the whole EfficientNet (every block, conv head, classifier)
@@ -36,9 +37,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from grad_jax import run_folder
 from grad_jax.config import CONFIG_DIR, resolve_config_flags
 from grad_jax.models.model import ModelVariables
+from grad_jax.runs import run_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,8 +88,9 @@ def main(argv) -> int:
     import torch
     from PIL import Image
 
-    from grad_jax import deploy, predict
+    from grad_jax import predict
     from grad_jax.benchmark import cpu_info, decode, export_untrained, sample_files, summarise_ms
+    from grad_jax.inference import exported_model
 
     threads = int(os.environ.get("GRAD_JAX_BENCH_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
@@ -100,7 +102,7 @@ def main(argv) -> int:
     variables = ModelVariables.from_model(run_folder.create_model(config))
     predictor = predict.Predictor(variables, config, batch_size=1)
     tmp = tempfile.mkdtemp()
-    exported = deploy.load_model(export_untrained(variables, config, tmp), batch_size=1)
+    exported = exported_model.load_model(export_untrained(variables, config, tmp), batch_size=1)
 
     official, spec = torch_predictor(config, torch, full=True)
     truncated, _ = torch_predictor(config, torch, full=False)

@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from grad_jax import metrics  # noqa: E402
+from grad_jax.evaluation import metrics
 
 
 def main() -> None:

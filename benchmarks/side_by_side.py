@@ -26,10 +26,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from grad_jax import feature_cache, inference, run_folder
 from grad_jax.config import CONFIG_DIR, resolve_config_flags
+from grad_jax.inference import device_program
 from grad_jax.models.model import ModelVariables
-from grad_jax.train_state import TrainState
+from grad_jax.runs import run_folder
+from grad_jax.runs.train_state import TrainState
+from grad_jax.training import feature_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,9 +73,10 @@ def main(argv) -> int:
     import jax
     import torch
 
-    from grad_jax import sharding, train
     from grad_jax.benchmark import cpu_info, time_call
-    from grad_jax.optim import make_optimizer
+    from grad_jax.devices import sharding
+    from grad_jax.training import loop
+    from grad_jax.training.optim import make_optimizer
 
     threads = int(os.environ.get("GRAD_JAX_BENCH_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
@@ -87,15 +90,15 @@ def main(argv) -> int:
     # --- grad_jax
     variables = ModelVariables.from_model(run_folder.create_model(config))
     mesh = sharding.make_mesh()
-    predict = inference.make_predict_fn(variables, config, mesh)
+    predict = device_program.make_predict_fn(variables, config, mesh)
     tx, _ = make_optimizer(config.train, 100, variables.params)
     state = sharding.replicate(TrainState.create(variables.params, variables.batch_stats, tx), mesh)
     backbone = sharding.replicate(variables.backbone, mesh)
     shapes = feature_cache.feature_shapes(variables, config)
     feats = {f"feature_{i}": rng.random((b,) + s, np.float32) for i, s in enumerate(shapes)}
     jax_steps = {
-        "train": (train.make_train_step(variables, tx, mesh, False, 0), {"image": images}),
-        "train_cached": (train.make_train_step(variables, tx, mesh, True, 0), feats),
+        "train": (loop.make_train_step(variables, tx, mesh, False, 0), {"image": images}),
+        "train_cached": (loop.make_train_step(variables, tx, mesh, True, 0), feats),
     }
     holder = {"state": state}
 

@@ -7,7 +7,7 @@ Measures, on whatever backend JAX runs on, with the config's model and dtype:
 - peak memory (device peak where the backend reports it, else the process's peak RSS);
 - with `--parts=latency`: batch-1 latency (p50, p95 in ms) of one image from its encoded file
   bytes to the decision (decode + resize + predict) for `Predictor` and for the exported model
-  (`grad_jax.export` of the same weights, loaded with `grad_jax.deploy`).
+  (`grad_jax.export` of the same weights, loaded with `grad_jax.inference.exported_model`).
 Weights are random unless --pretrained: throughput does not depend on their values. Prints one
 JSON object, which names the CPU model and its vector extensions; --out=FILE writes it too.
 """
@@ -31,23 +31,18 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from grad_jax import (
-    cli,
-    deploy,
-    export,
-    feature_cache,
-    images,
-    inference,
-    run_folder,
-    sharding,
-    train,
-)
+from grad_jax import cli, export
 from grad_jax.config import tiling_on
+from grad_jax.data import images
+from grad_jax.devices import sharding
+from grad_jax.inference import device_program, exported_model
+from grad_jax.inference.predictor import Predictor
 from grad_jax.models.model import ModelVariables
-from grad_jax.optim import make_optimizer
-from grad_jax.predictor import Predictor
-from grad_jax.run_folder import TrainedModel
-from grad_jax.train_state import TrainState
+from grad_jax.runs import run_folder
+from grad_jax.runs.run_folder import TrainedModel
+from grad_jax.runs.train_state import TrainState
+from grad_jax.training import feature_cache, loop
+from grad_jax.training.optim import make_optimizer
 from tfds_mvtec.mvtec_ad import layout
 
 
@@ -166,7 +161,7 @@ def _latency_part(variables: ModelVariables, config, latency_images: int) -> dic
     files = sample_files(latency_images)
     predictor = Predictor(variables, config, batch_size=1)
     with tempfile.TemporaryDirectory() as tmp:
-        exported = deploy.load_model(export_untrained(variables, config, tmp), batch_size=1)
+        exported = exported_model.load_model(export_untrained(variables, config, tmp), batch_size=1)
     cases = {"predictor": predictor, "exported": exported}
     samples: dict[str, list[float]] = {k: [] for k in cases}
     for m in cases.values():
@@ -186,7 +181,7 @@ def _latency_part(variables: ModelVariables, config, latency_images: int) -> dic
 def _infer_part(variables: ModelVariables, config, mesh, images: np.ndarray, steps: int) -> dict:
     """Inference images/s of the jitted predict function on `images` `[B, H, W, 3]` uint8."""
     batch = images.shape[0]
-    predict = inference.make_predict_fn(variables, config, mesh)
+    predict = device_program.make_predict_fn(variables, config, mesh)
     seconds = time_call(lambda: predict(images), steps)
     result = {"infer_images_per_s": batch / seconds}
 
@@ -217,7 +212,7 @@ def _train_part(
     tx, _ = make_optimizer(config.train, 100, variables.params)
     state = sharding.replicate(TrainState.create(variables.params, variables.batch_stats, tx), mesh)
     backbone = sharding.replicate(variables.backbone, mesh)
-    step = train.make_train_step(variables, tx, mesh, cached, config.seed, config.model.precision)
+    step = loop.make_train_step(variables, tx, mesh, cached, config.seed, config.model.precision)
     if cached:
         shapes = feature_cache.feature_shapes(variables, config)
         local = {f"feature_{i}": rng.random((batch,) + s, np.float32) for i, s in enumerate(shapes)}

@@ -1,7 +1,8 @@
 """Configs: finding and loading a config file, and checking one before any work starts.
 
-Config files are Python files with `get_config()` (ml_collections); the shipped ones live in
-`grad_jax/configs/`. A path such as `configs/unified.py` that does not exist where the command
+Config files are Python files with `get_config()` (ml_collections); the shipped ones are the
+top-level `configs/` folder of the repository, installed with the package as `grad_jax.configs`
+(one copy of each file). A path such as `configs/unified.py` that does not exist where the command
 runs names the shipped file of that name, so the README's commands work from any folder.
 
 This module sits above `models` (not below, as "config at the bottom" would have it): checking a
@@ -17,16 +18,17 @@ import sys
 
 import ml_collections
 
-from grad_jax import sharding
+from grad_jax import configs
+from grad_jax.devices import sharding
+from grad_jax.devices.precision import PRECISIONS
 from grad_jax.errors import ConfigError, MissingFileError
 from grad_jax.models.efficientnet import VARIANTS
 from grad_jax.models.layers import DEPTHWISE_IMPLS
-from grad_jax.precision import PRECISIONS
 
 #: `data.image_size='auto'`: measured on the training images (see `input_pipeline`).
 AUTO_SIZE = "auto"
 #: The folder of the shipped config files.
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIG_DIR = os.path.dirname(os.path.abspath(configs.__file__))
 DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "default.py")
 
 

@@ -1,6 +1,6 @@
 """`python -m grad_jax.convert`: PyTorch checkpoints -> a grad_jax run folder or backbone file.
 
-The layouts themselves (key maps, transforms, file reading) are in `grad_jax.weights`.
+The layouts themselves (key maps, transforms, file reading) are in `grad_jax.weights.state_dicts`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from grad_jax import checkpointing, cli, run_folder, weights
+from grad_jax import cli
 from grad_jax.errors import ConversionError, UsageError
 from grad_jax.files import atomic_write
 from grad_jax.models.model import ModelVariables, build_model
-from grad_jax.optim import make_optimizer
-from grad_jax.train_state import TrainState
+from grad_jax.runs import checkpointing, run_folder
+from grad_jax.runs.train_state import TrainState
+from grad_jax.training.optim import make_optimizer
+from grad_jax.weights import state_dicts
 
 USAGE = """\
 usage:
@@ -38,7 +40,7 @@ def convert_crad_checkpoint(checkpoint: str, config, workdir: str) -> dict[str, 
     """Write `workdir` (config.json + an Orbax checkpoint) from an official CRAD checkpoint."""
     config = config.copy_and_resolve_references()
     model = build_model(config, seed=config.seed)  # the backbone comes from the checkpoint
-    meta = weights.load_crad_checkpoint(model, checkpoint)
+    meta = state_dicts.load_crad_checkpoint(model, checkpoint)
     variables = ModelVariables.from_model(model)
     tx, _ = make_optimizer(config.train, 1, variables.params)
     os.makedirs(workdir, exist_ok=True)
@@ -63,9 +65,9 @@ def convert_backbone_file(weights_file: str, config, out: str) -> int:
     """Check a lukemelas .pth against the configured backbone and save the tensors it uses as
     .npz, under their original names (so the file reads back like the .pth it came from)."""
     model = build_model(config, seed=config.seed)
-    state_dict = weights.read_state_dict(weights_file)
-    pairs = list(weights.backbone_pairs(model.backbone))
-    weights.apply_pairs(model.backbone, iter(pairs), state_dict, weights_file)
+    state_dict = state_dicts.read_state_dict(weights_file)
+    pairs = list(state_dicts.backbone_pairs(model.backbone))
+    state_dicts.apply_pairs(model.backbone, iter(pairs), state_dict, weights_file)
     arrays = {key: np.asarray(state_dict[key], np.float32) for _, key, _ in pairs}
 
     def write(tmp: str) -> None:

@@ -4,8 +4,8 @@
 
 writes `model.jaxexport` (the whole predict program as `jax.export` StableHLO, weights
 included, batch dimension symbolic, lowered for cpu, cuda and tpu) and `meta.json`; load it
-with `grad_jax.deploy.load_model`, which needs jax, numpy and Pillow only. The exported
-program is the one `Predictor` runs (`inference.predict_program`).
+with `grad_jax.inference.exported_model.load_model`, which needs jax, numpy and Pillow only.
+The exported program is the one `Predictor` runs (`device_program.predict_program`).
 """
 
 from __future__ import annotations
@@ -23,16 +23,19 @@ import jaxlib
 from absl import flags
 from jax import export as jax_export
 
-from grad_jax import checkpointing, cli, deploy, images, inference
+from grad_jax import cli
+from grad_jax.data import images
 from grad_jax.errors import UsageError
 from grad_jax.files import atomic_write_bytes, atomic_write_json
-from grad_jax.run_folder import TrainedModel, load_trained
+from grad_jax.inference import device_program, exported_model
+from grad_jax.runs import checkpointing
+from grad_jax.runs.run_folder import TrainedModel, load_trained
 
 
-def export_program(trained: TrainedModel, platforms: Sequence[str] = deploy.PLATFORMS):
+def export_program(trained: TrainedModel, platforms: Sequence[str] = exported_model.PLATFORMS):
     """The `jax.export.Exported` of the predict program of `trained`, batch dim symbolic."""
     variables = trained.variables
-    program = inference.predict_program(variables, trained.config)
+    program = device_program.predict_program(variables, trained.config)
     weights = jax.tree.map(
         jnp.asarray, (variables.backbone, variables.params, variables.batch_stats)
     )
@@ -57,8 +60,8 @@ def build_meta(trained: TrainedModel, exported: Any) -> dict[str, Any]:
         or sorted(((threshold or {}).get("per_category") or {}).keys())
     )
     return {
-        "format": deploy.FORMAT,
-        "format_version": deploy.FORMAT_VERSION,
+        "format": exported_model.FORMAT,
+        "format_version": exported_model.FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "checkpoint_step": trained.step,
         "input": {
@@ -90,12 +93,12 @@ def build_meta(trained: TrainedModel, exported: Any) -> dict[str, Any]:
         "calling_convention_version": exported.calling_convention_version,
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
-        "model_file": deploy.MODEL_FILE,
+        "model_file": exported_model.MODEL_FILE,
     }
 
 
 def write_model_folder(
-    trained: TrainedModel, out: str, platforms: Sequence[str] = deploy.PLATFORMS
+    trained: TrainedModel, out: str, platforms: Sequence[str] = exported_model.PLATFORMS
 ) -> dict[str, Any]:
     """Export `trained` into folder `out`: `model.jaxexport` and `meta.json`.
 
@@ -106,12 +109,12 @@ def write_model_folder(
     data = exported.serialize()
     meta = build_meta(trained, exported)
     os.makedirs(out, exist_ok=True)
-    model_path = os.path.join(out, deploy.MODEL_FILE)
-    meta_path = os.path.join(out, deploy.META_FILE)
+    model_path = os.path.join(out, exported_model.MODEL_FILE)
+    meta_path = os.path.join(out, exported_model.META_FILE)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the folder is incomplete until the new meta.json lands
     atomic_write_bytes(model_path, data)
-    meta["model_sha256"] = deploy.sha256_of(model_path)
+    meta["model_sha256"] = exported_model.sha256_of(model_path)
     meta["model_bytes"] = os.path.getsize(model_path)
     atomic_write_json(meta_path, meta, indent=1)
     return meta
@@ -121,7 +124,7 @@ def export_workdir(
     workdir: str,
     out: str,
     step: int | None = None,
-    platforms: Sequence[str] = deploy.PLATFORMS,
+    platforms: Sequence[str] = exported_model.PLATFORMS,
 ) -> dict[str, Any]:
     """Export the run in `workdir` (its latest checkpoint, or `step`) into folder `out`
     (`write_model_folder`). Returns the meta."""
@@ -136,7 +139,7 @@ def define_flags(values: flags.FlagValues) -> None:
     )
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=values)
     flags.DEFINE_list(
-        "platforms", list(deploy.PLATFORMS), "Platforms to lower for.", flag_values=values
+        "platforms", list(exported_model.PLATFORMS), "Platforms to lower for.", flag_values=values
     )
 
 
@@ -158,7 +161,7 @@ def export_command(values: flags.FlagValues, args: list[str]) -> int:
     size = meta["model_bytes"] / 2**20
     print(
         f"grad_jax: exported step {meta['checkpoint_step']} of {values.workdir} to {values.out} "
-        f"({deploy.MODEL_FILE} {size:.1f} MiB for {', '.join(meta['platforms'])}; "
+        f"({exported_model.MODEL_FILE} {size:.1f} MiB for {', '.join(meta['platforms'])}; "
         f"classes: {', '.join(meta['categories']) or 'unknown'})"
     )
     return cli.EXIT_OK

@@ -1,7 +1,7 @@
 """Command-line entry point: `python -m grad_jax.main --config=configs/unified.py --workdir=DIR`.
 
 --mode=train (default) trains, resuming from the latest checkpoint in --workdir, then evaluates
-the final model (with --config.select=auto it first chooses the recipe: selection.py);
+the final model (with --config.select=auto it first chooses the recipe: select.py);
 --mode=eval reloads the latest checkpoint and evaluates it.
 """
 
@@ -12,9 +12,12 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from grad_jax import cli, evaluate, selection, train
+from grad_jax import cli
 from grad_jax.config import DEFAULT_CONFIG
 from grad_jax.errors import UsageError
+from grad_jax.evaluation import evaluate
+from grad_jax.selection import select
+from grad_jax.training import loop
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -33,9 +36,9 @@ def train_or_evaluate(values: flags.FlagValues, args: list[str]) -> int:
     if not values.workdir:
         raise UsageError("--workdir is required (the folder for checkpoints and results)")
     if values.mode == "train" and values.config.get("select"):
-        selection.select_and_train(values.config, values.workdir)
+        select.select_and_train(values.config, values.workdir)
     elif values.mode == "train":
-        train.train_and_evaluate(values.config, values.workdir)
+        loop.train_and_evaluate(values.config, values.workdir)
     else:
         evaluate.evaluate_workdir(values.workdir, values.config)
     return cli.EXIT_OK

@@ -1,6 +1,6 @@
 """Score new images with a trained run: `python -m grad_jax.predict`, and its output files.
 
-Python (the API lives in `grad_jax.predictor`)::
+Python (the API lives in `grad_jax.inference.predictor`)::
 
     from grad_jax.predict import Predictor
 
@@ -46,12 +46,13 @@ from absl import flags
 from PIL import Image
 from tqdm import auto as tqdm
 
-from grad_jax import cli, heatmap
-from grad_jax.decisions import Prediction
+from grad_jax import cli
+from grad_jax.data.images import read_image, to_rgb8
 from grad_jax.errors import UsageError
 from grad_jax.files import atomic_write_bytes, remove, temp_name, unique_name
-from grad_jax.images import read_image, to_rgb8
-from grad_jax.predictor import Predictor, upsample_map
+from grad_jax.inference import heatmap
+from grad_jax.inference.decisions import Prediction
+from grad_jax.inference.predictor import Predictor, upsample_map
 from tfds_mvtec.mvtec_ad import layout
 
 #: The exit statuses of the command line.
@@ -61,7 +62,8 @@ CSV_COLUMNS = ["file", "score", "decision", "threshold", "category", "calibrated
 
 
 # The result type, image conversion and decision rules live in light modules shared with the
-# exported model (grad_jax.deploy); re-exported here so `from grad_jax.predict import ...` works.
+# exported model (grad_jax.inference.exported_model); re-exported here so
+# `from grad_jax.predict import ...` works.
 __all__ = ["Prediction", "Predictor", "UsageError", "read_image", "to_rgb8"]
 
 

@@ -6,7 +6,7 @@ Usage::
     python -m grad_jax.serve --workdir=RUN_DIR  [--host=127.0.0.1 --port=8000]
 
 --model serves an exported model (`python -m grad_jax.export`), --workdir a training run folder.
-Open http://HOST:PORT/ for the page; the API is described in `grad_jax.service`. The server
+Open http://HOST:PORT/ for the page; the API is described in `grad_jax.serving.service`. The server
 binds the loopback address by default: pass --host=0.0.0.0 to serve other machines (it has no
 authentication; put it behind your own proxy for that).
 """
@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from grad_jax import cli, served_model, service, uploads
+from grad_jax import cli
 from grad_jax.errors import UsageError
+from grad_jax.serving import served_model, service, uploads
 
 
 def define_flags(v: flags.FlagValues) -> None:

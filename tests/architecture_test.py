@@ -32,21 +32,24 @@ def _package(tmp_path, files: dict[str, str]):
         # a cycle inside one layer
         (
             {
-                "train.py": "from grad_jax import evaluate\n",
-                "evaluate.py": "import grad_jax.train\n",
+                "training/loop.py": "from grad_jax.training import calibration\n",
+                "training/calibration.py": "import grad_jax.training.loop\n",
             },
-            "import cycle: evaluate -> train -> evaluate",
+            "import cycle: training.calibration -> training.loop -> training.calibration",
         ),
         # a lower layer importing a higher one
-        ({"models/model.py": "from grad_jax.train import loop\n", "train.py": ""}, "higher layer"),
+        (
+            {"models/model.py": "from grad_jax.training import loop\n", "training/loop.py": ""},
+            "models.model (models) imports training.loop (training), a higher layer",
+        ),
         # a relative import resolves to the same rule
         ({"errors.py": "from . import config\n", "config.py": ""}, "higher layer"),
         # a module nobody placed
         ({"misc.py": "x = 1\n"}, "misc: not in any layer"),
         # a project import hidden in a function
         (
-            {"train.py": "def f():\n    from grad_jax import errors\n", "errors.py": ""},
-            "train imports errors inside a function",
+            {"training/loop.py": "def f():\n    from grad_jax import errors\n", "errors.py": ""},
+            "training.loop imports errors inside a function",
         ),
     ],
 )
@@ -56,5 +59,8 @@ def test_each_rule_is_enforced(tmp_path, files, expected):
 
 
 def test_allowed_lazy_imports_pass(tmp_path):
-    files = {"serve.py": "def main():\n    from grad_jax import service\n", "service.py": ""}
+    files = {
+        "serve.py": "def main():\n    from grad_jax.serving import service\n",
+        "serving/service.py": "",
+    }
     assert check_imports.check(_package(tmp_path, files)) == []

@@ -50,7 +50,7 @@ def require_magnetic_tile():
 
 def tiny_category(base, num_train=8, num_test_good=2, num_test_defect=1):
     """A small generated MVTec-layout category (80 px hex nuts) under `base`; returns its path."""
-    from grad_jax import demo
+    from grad_jax.data import demo
 
     demo.generate_demo_dataset(
         base,
@@ -66,8 +66,9 @@ def tiny_category(base, num_train=8, num_test_good=2, num_test_defect=1):
 
 def _train_tiny_run(base):
     """Train configs/tiny.py for one epoch on a generated category under `base`."""
-    from grad_jax import train
     from grad_jax.configs import tiny
+
+    from grad_jax.training import loop
 
     category = tiny_category(base / "data")
     config = tiny.get_config()
@@ -76,7 +77,7 @@ def _train_tiny_run(base):
     config.data.data_dir = str(base / "tfds")
     config.train.epochs = 1
     workdir = base / "run"
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
     return workdir, category
 
 

@@ -14,9 +14,10 @@ from tests.conftest import ROOT, require_module  # noqa: E402
 
 torch = require_module("torch", "pip install -e '.[test]'")
 
-from grad_jax import run_folder, weights  # noqa: E402
 from grad_jax.config import load_config_file  # noqa: E402
-from grad_jax.inference import make_predict_fn  # noqa: E402
+from grad_jax.inference.device_program import make_predict_fn  # noqa: E402
+from grad_jax.runs import run_folder  # noqa: E402
+from grad_jax.weights import state_dicts  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
 CONFIG = textwrap.dedent(
@@ -91,8 +92,8 @@ def test_backbone_file_to_npz_and_back(torch_model):
     from grad_jax.models.model import build_model
 
     from_pth, from_npz = build_model(config), build_model(config)
-    weights.load_backbone(from_pth, "efficientnet-b0", str(pth))
-    weights.load_backbone(from_npz, "efficientnet-b0", str(npz))
+    state_dicts.load_backbone(from_pth, "efficientnet-b0", str(pth))
+    state_dicts.load_backbone(from_npz, "efficientnet-b0", str(npz))
     x = jnp.asarray(np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8))
     for a, b in zip(from_pth.extract(x), from_npz.extract(x), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,9 +1,10 @@
-"""grad_jax.decisions: calibrated values, thresholds and their sources, class recognition."""
+"""grad_jax.inference.decisions: calibrated values, thresholds and their sources, class
+recognition."""
 
 import numpy as np
 import pytest
 
-from grad_jax import decisions
+from grad_jax.inference import decisions
 
 NORMAL = {"a": [0.1, 0.2, 0.3, 0.4], "b": [1.0, 2.0]}
 

@@ -1,4 +1,4 @@
-"""Tests for the embedded synthetic demo dataset (grad_jax.demo)."""
+"""Tests for the embedded synthetic demo dataset (grad_jax.data.demo)."""
 
 import hashlib
 import json
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from grad_jax import demo
-from grad_jax.demo import build
-from grad_jax.demo.defects import CLASS_SPECS
+from grad_jax.data import demo
+from grad_jax.data.demo import build
+from grad_jax.data.demo.defects import CLASS_SPECS
 
 SMALL = dict(num_train=3, num_test_good=2, num_test_defect=2, image_size=64)
 

@@ -1,5 +1,5 @@
-"""grad_jax.export + grad_jax.deploy: the exported model scores like Predictor, loads with jax
-alone, refuses damaged or foreign files clearly, and decides per class."""
+"""grad_jax.export + grad_jax.inference.exported_model: the exported model scores like
+Predictor, loads with jax alone, refuses damaged or foreign files clearly, and decides per class."""
 
 import json
 import os
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import calibration, deploy, export, predict, run_folder
+from grad_jax import export, predict
+from grad_jax.inference import exported_model
+from grad_jax.runs import run_folder
+from grad_jax.training import calibration
 from tests.conftest import ROOT
 
 CLASSES = ("hex_nut", "wood")
@@ -21,7 +24,7 @@ HEAVY = ("flax", "optax", "orbax", "tensorflow_datasets", "grain", "ml_collectio
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from grad_jax import demo
+    from grad_jax.data import demo
 
     base = tmp_path_factory.mktemp("data")
     demo.generate_demo_dataset(
@@ -34,8 +37,9 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(data, tmp_path_factory):
     """A unified tiny run on two classes (its final checkpoint stores centres and scores)."""
-    from grad_jax import train
     from grad_jax.configs import tiny
+
+    from grad_jax.training import loop
 
     config = tiny.get_config()
     config.data.dataset = "folder"
@@ -44,7 +48,7 @@ def run_dir(data, tmp_path_factory):
     config.train.epochs = 1
     config.eval.smooth_size = 7  # odd window, smaller than the map: padding matters
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -92,7 +96,7 @@ def _score(smoothed, k):
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_exported_matches_predictor(run_dir, model_dir, images, batch_size):
     predictor = predict.Predictor.from_workdir(run_dir, batch_size=batch_size)
-    model = deploy.load_model(model_dir, batch_size=batch_size)
+    model = exported_model.load_model(model_dir, batch_size=batch_size)
     want = predictor.predict(images)
     got = model.predict(images)
     assert len(got) == len(want) == len(images)
@@ -110,7 +114,7 @@ def test_exported_matches_predictor(run_dir, model_dir, images, batch_size):
 
 def test_smoothed_map_and_score_follow_the_reference_recipe(model_dir, images):
     """The exported outputs against numpy: 7x7 zero-padded box mean, max of 8x8 'valid' means."""
-    model = deploy.load_model(model_dir)
+    model = exported_model.load_model(model_dir)
     x = np.stack([model.prepare(im) for im in images[:3]])
     out = model.run(x)
     assert out["raw"].shape == (3, 64, 64) and out["score"].shape == (3,)
@@ -121,14 +125,16 @@ def test_smoothed_map_and_score_follow_the_reference_recipe(model_dir, images):
 
 
 def test_meta_describes_the_model(run_dir, model_dir):
-    with open(os.path.join(model_dir, deploy.META_FILE)) as f:
+    with open(os.path.join(model_dir, exported_model.META_FILE)) as f:
         meta = json.load(f)
     assert meta["input"]["image_size"] == [64, 64] and meta["input"]["dtype"] == "uint8"
     assert "Pillow bilinear" in meta["input"]["resize"]
     assert meta["categories"] == list(CLASSES)
     assert sorted(meta["platforms"]) == ["cpu", "cuda", "tpu"]
     assert meta["jax_version"] == jax.__version__
-    assert meta["model_sha256"] == deploy.sha256_of(os.path.join(model_dir, deploy.MODEL_FILE))
+    assert meta["model_sha256"] == exported_model.sha256_of(
+        os.path.join(model_dir, exported_model.MODEL_FILE)
+    )
     th = meta["threshold"]
     assert sorted(th["per_category"]) == list(CLASSES)
     for name in CLASSES:  # each per-class threshold is the quantile of its stored scores
@@ -141,7 +147,7 @@ def test_meta_describes_the_model(run_dir, model_dir):
 def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_dir):
     """Centres (computed at training time from the feature cache) against the predict
     program's pooled output on the same training images (the held-out ones excluded)."""
-    from grad_jax import input_pipeline
+    from grad_jax.data import input_pipeline
 
     config = run_folder.read_config(run_dir)
     predictor = predict.Predictor.from_workdir(run_dir, batch_size=16)
@@ -163,7 +169,7 @@ def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_d
             centres["centres"][c], pooled[labels == c].mean(0), rtol=1e-4, atol=1e-5
         )
     # runs without the feature cache compute them with one backbone pass: the same centres
-    from grad_jax import sharding
+    from grad_jax.devices import sharding
 
     trained = run_folder.load_trained(run_dir)
     uncached = calibration.class_centres(
@@ -176,7 +182,7 @@ def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_d
 def test_loader_imports_no_training_stack(model_dir):
     code = (
         "import sys, numpy as np\n"
-        "from grad_jax.deploy import load_model\n"
+        "from grad_jax.inference.exported_model import load_model\n"
         f"m = load_model({model_dir!r})\n"
         "p = m.predict([np.zeros((30, 40, 3), np.uint8)])[0]\n"
         "print(p.category, round(p.score, 6))\n"
@@ -198,7 +204,7 @@ def _copy(model_dir, tmp_path):
 
 
 def _edit_meta(folder, **changes):
-    path = folder / deploy.META_FILE
+    path = folder / exported_model.META_FILE
     meta = json.loads(path.read_text())
     meta.update(changes)
     path.write_text(json.dumps(meta))
@@ -206,21 +212,27 @@ def _edit_meta(folder, **changes):
 
 def test_damaged_file_is_named(model_dir, tmp_path):
     folder = _copy(model_dir, tmp_path)
-    path = folder / deploy.MODEL_FILE
+    path = folder / exported_model.MODEL_FILE
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(deploy.ModelFileError, match="model.jaxexport is damaged: its sha256"):
-        deploy.load_model(folder)
+    with pytest.raises(
+        exported_model.ModelFileError, match="model.jaxexport is damaged: its sha256"
+    ):
+        exported_model.load_model(folder)
 
 
 def test_unreadable_serialisation_is_explained(model_dir, tmp_path):
     folder = _copy(model_dir, tmp_path)
-    path = folder / deploy.MODEL_FILE
+    path = folder / exported_model.MODEL_FILE
     path.write_bytes(path.read_bytes()[:1000])
-    _edit_meta(folder, model_sha256=deploy.sha256_of(path))  # consistent digest, broken body
-    with pytest.raises(deploy.ModelFileError, match="cannot be read by jax .* export it again"):
-        deploy.load_model(folder)
+    _edit_meta(
+        folder, model_sha256=exported_model.sha256_of(path)
+    )  # consistent digest, broken body
+    with pytest.raises(
+        exported_model.ModelFileError, match="cannot be read by jax .* export it again"
+    ):
+        exported_model.load_model(folder)
 
 
 @pytest.mark.parametrize(
@@ -229,30 +241,30 @@ def test_unreadable_serialisation_is_explained(model_dir, tmp_path):
 def test_other_format_versions_are_refused(model_dir, tmp_path, version, advice):
     folder = _copy(model_dir, tmp_path)
     _edit_meta(folder, format_version=version)
-    with pytest.raises(deploy.ModelFileError, match=f"format version {version}.*{advice}"):
-        deploy.load_model(folder)
+    with pytest.raises(exported_model.ModelFileError, match=f"format version {version}.*{advice}"):
+        exported_model.load_model(folder)
 
 
 def test_outside_the_jax_compatibility_window(model_dir, monkeypatch):
     from jax import export as jax_export
 
     exported = jax_export.deserialize(
-        bytearray(open(os.path.join(model_dir, deploy.MODEL_FILE), "rb").read())
+        bytearray(open(os.path.join(model_dir, exported_model.MODEL_FILE), "rb").read())
     )
     version = exported.calling_convention_version
     monkeypatch.setattr(jax_export, "minimum_supported_calling_convention_version", version + 1)
     monkeypatch.setattr(jax_export, "maximum_supported_calling_convention_version", version + 2)
-    with pytest.raises(deploy.ModelFileError, match="outside jax's compatibility window"):
-        deploy.load_model(model_dir)
+    with pytest.raises(exported_model.ModelFileError, match="outside jax's compatibility window"):
+        exported_model.load_model(model_dir)
 
 
 def test_not_a_model_folder(tmp_path):
-    with pytest.raises(deploy.ModelFileError, match="not an exported grad_jax model"):
-        deploy.load_model(tmp_path)
+    with pytest.raises(exported_model.ModelFileError, match="not an exported grad_jax model"):
+        exported_model.load_model(tmp_path)
 
 
 def test_decisions_per_class(model_dir, images):
-    model = deploy.load_model(model_dir)
+    model = exported_model.load_model(model_dir)
     meta = model.meta
     th = meta["threshold"]
     for name in CLASSES:
@@ -272,7 +284,7 @@ def test_decisions_per_class(model_dir, images):
 def test_recognition_unavailable_for_models_without_centres(model_dir, tmp_path, images):
     folder = _copy(model_dir, tmp_path)
     _edit_meta(folder, class_centres=None)
-    (p,) = deploy.load_model(folder).predict(images[:1])
+    (p,) = exported_model.load_model(folder).predict(images[:1])
     assert p.category is None and "recognition is unavailable" in p.threshold_source
 
 
@@ -286,7 +298,7 @@ def test_cli_usage_errors(tmp_path, capsys):
 def test_recognition_accuracy_in_metrics_matches_the_exported_model(run_dir, model_dir, data):
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    model = deploy.load_model(model_dir)
+    model = exported_model.load_model(model_dir)
     accuracies = []
     for name in CLASSES:
         files = sorted((data / name / "test").rglob("*.png"))

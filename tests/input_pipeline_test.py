@@ -3,9 +3,9 @@ that every module takes from `input_pipeline.steps_per_epoch`."""
 
 import numpy as np
 import pytest
-
-from grad_jax import input_pipeline
 from grad_jax.configs import tiny
+
+from grad_jax.data import input_pipeline
 
 
 class _NoMasks(dict):

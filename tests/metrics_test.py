@@ -1,4 +1,4 @@
-"""Tests for grad_jax.metrics against scikit-learn and brute-force reference implementations."""
+"""Tests for grad_jax.evaluation.metrics against scikit-learn and brute-force references."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from grad_jax import metrics
+from grad_jax.evaluation import metrics
 
 # --------------------------------------------------------------------------------------------
 # Helpers: independent, slow reference implementations.

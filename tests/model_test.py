@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from grad_jax import weights
 from grad_jax.configs import crad_s, tiny, unified
+
 from grad_jax.models.efficientnet import efficientnet_spec
 from grad_jax.models.model import build_model, split_model
+from grad_jax.weights import state_dicts
 
 
 def count(tree):
@@ -92,15 +92,15 @@ def test_jitter_only_in_training_and_one_coin_per_step():
 
 def test_bfloat16_stays_within_stated_tolerance_of_float32():
     """bf16 compute (for accelerators): anomaly maps within 5% of the fp32 maximum and
-    correlated above 0.99 with fp32, on the real Lite0 weights."""
+    correlated above 0.99 with fp32, on the real Lite0 state_dicts."""
 
     config = tiny.get_config()
     config.data.image_size = (96, 96)
     full = build_model(config)
-    weights.load_backbone(full, config.model.backbone)
+    state_dicts.load_backbone(full, config.model.backbone)
     config.model.dtype = "bfloat16"
     half = build_model(config)
-    weights.load_backbone(half, config.model.backbone)
+    state_dicts.load_backbone(half, config.model.backbone)
     assert half.head.bottlenecks[0].expand.kernel[...].dtype == jnp.float32  # params stay fp32
     x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8))
     a = np.asarray(full(x).anomaly_map)

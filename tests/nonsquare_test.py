@@ -6,11 +6,16 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grad_jax.configs import tiny
 from PIL import Image
 
-from grad_jax import errors, evaluate, input_pipeline, predict, run_folder, scoring, train
+from grad_jax import errors, predict
 from grad_jax.config import validate_config
-from grad_jax.configs import tiny
+from grad_jax.data import input_pipeline
+from grad_jax.evaluation import evaluate
+from grad_jax.models import scoring
+from grad_jax.runs import run_folder
+from grad_jax.training import loop
 
 torch = pytest.importorskip("torch")
 
@@ -127,7 +132,7 @@ def tall_run(tmp_path_factory):
     config.train.epochs = 1
     config.threshold.holdout_fraction = 0.25
     workdir = base / "run"
-    values = train.train_and_evaluate(config, str(workdir))
+    values = loop.train_and_evaluate(config, str(workdir))
     return root, workdir, values, config
 
 

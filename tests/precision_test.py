@@ -4,14 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from grad_jax import errors, inference, scoring, sharding, train
-from grad_jax.config import validate_config
 from grad_jax.configs import default, tiny, unified
+
+from grad_jax import errors
+from grad_jax.config import validate_config
+from grad_jax.devices import sharding
+from grad_jax.devices.precision import PRECISIONS, with_precision
+from grad_jax.inference import device_program
+from grad_jax.models import scoring
 from grad_jax.models.model import ModelVariables, build_model
-from grad_jax.optim import make_optimizer
-from grad_jax.precision import PRECISIONS, with_precision
-from grad_jax.train_state import TrainState
+from grad_jax.runs.train_state import TrainState
+from grad_jax.training import loop
+from grad_jax.training.optim import make_optimizer
 
 
 def test_default_and_unified_configs_use_tensorfloat32():
@@ -46,7 +50,7 @@ def test_training_step_and_prediction_use_the_config():
     variables = ModelVariables.from_model(build_model(config))
     mesh = sharding.make_mesh()
     tx, _ = make_optimizer(config.train, 4, variables.params)
-    step = train.make_train_step(variables, tx, mesh, False, 0, config.model.precision)
+    step = loop.make_train_step(variables, tx, mesh, False, 0, config.model.precision)
     state = TrainState.create(variables.params, variables.batch_stats, tx)
     batch = {"image": jnp.zeros((4, 64, 64, 3), jnp.uint8), "stop": jnp.zeros((4,), jnp.int32)}
     text = step.lower(state, variables.backbone, batch).as_text()
@@ -61,5 +65,5 @@ def test_training_step_and_prediction_use_the_config():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(scoring, "smooth", smooth)
-        inference.make_predict_fn(variables, config)(np.zeros((1, 64, 64, 3), np.uint8))
+        device_program.make_predict_fn(variables, config)(np.zeros((1, 64, 64, 3), np.uint8))
     assert seen == ["float32"]

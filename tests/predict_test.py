@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import heatmap, inference, predict, run_folder
+from grad_jax import predict
+from grad_jax.inference import device_program, heatmap
+from grad_jax.runs import run_folder
 from tests.conftest import ROOT, tiny_category
 
 SIZE = (64, 64)  # configs/tiny.py
@@ -31,8 +33,9 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(demo, tmp_path_factory):
-    from grad_jax import train
     from grad_jax.configs import tiny
+
+    from grad_jax.training import loop
 
     config = tiny.get_config()
     config.data.dataset = "folder"
@@ -40,7 +43,7 @@ def run_dir(demo, tmp_path_factory):
     config.data.data_dir = str(demo / "tfds")
     config.train.epochs = 1
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -249,7 +252,7 @@ def test_cli_scores_match_predict_fn_and_api(good_run, good_dir, trained, predic
     _, rows = _read_csv(out)
     cli_scores = {r[0]: float(r[1]) for r in rows}
     batch = np.stack([_resize(_expected_rgb(good_dir / k), SIZE) for k in GOOD_KEYS])
-    expected = inference.make_predict_fn(trained.variables, trained.config)(batch)
+    expected = device_program.make_predict_fn(trained.variables, trained.config)(batch)
     got = [cli_scores[k] for k in GOOD_KEYS]
     np.testing.assert_allclose(got, expected["score"], rtol=1e-5, atol=1e-6)
     with np.load(out / "maps.npz") as maps:

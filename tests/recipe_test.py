@@ -12,12 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from grad_jax import inference, input_pipeline, optim, scoring, torch_pickle
 from grad_jax.configs import default, tiny, unified
-from grad_jax.models import layers
+
+from grad_jax.data import input_pipeline
+from grad_jax.inference import device_program
+from grad_jax.models import layers, scoring
 from grad_jax.models.efficientnet import VARIANTS, EfficientNet
 from grad_jax.models.model import ModelVariables, build_model, split_model, to_flat
+from grad_jax.training import optim
+from grad_jax.weights import torch_pickle
 
 # --- the reference config (tae-mo/CRAD experiments/config.yaml, method.md sections 2, 8, 9) ----
 
@@ -244,7 +247,7 @@ def test_evaluation_scores_follow_the_reference_recipe():
     config.eval = default.get_config().eval
     model = build_model(config)
 
-    predict = inference.make_predict_fn(ModelVariables.from_model(model), config)
+    predict = device_program.make_predict_fn(ModelVariables.from_model(model), config)
     images = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     out = predict(images)
     assert out["raw"].shape == out["smoothed"].shape == (2, 64, 64)

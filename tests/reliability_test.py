@@ -15,7 +15,10 @@ import pytest
 from PIL import Image
 
 import tfds_mvtec
-from grad_jax import checkpointing, errors, feature_cache, input_pipeline, run_folder, train
+from grad_jax import errors
+from grad_jax.data import input_pipeline
+from grad_jax.runs import checkpointing, run_folder
+from grad_jax.training import feature_cache, loop
 from tests.conftest import ROOT, tiny_category
 from tests.train_worker import tiny_config
 
@@ -250,7 +253,7 @@ def test_predict_and_eval_never_write_into_the_checkpoints(data, trained, tmp_pa
     and eval must leave it, and every checkpoint, byte-identical; predict writes nothing."""
     import shutil
 
-    from grad_jax import evaluate
+    from grad_jax.evaluation import evaluate
     from grad_jax.predict import Predictor
 
     run = str(tmp_path / "run")
@@ -277,7 +280,7 @@ def trained(data, tmp_path_factory):
     """A finished 2-epoch run (checkpoints at steps 4 and 8); tests copy it before changing it."""
     run = str(tmp_path_factory.mktemp("trained") / "run")
     config = tiny_config(*data, epochs=2)
-    train.train_and_evaluate(config, run)
+    loop.train_and_evaluate(config, run)
     return run, config
 
 
@@ -318,7 +321,7 @@ def test_nan_loss_names_step_and_files_and_keeps_checkpoint(data, tmp_path, monk
     run = str(tmp_path / "nan")
     config = tiny_config(*data, epochs=2)
     with pytest.raises(errors.NonFiniteLossError) as err:
-        train.train_and_evaluate(config, run)
+        loop.train_and_evaluate(config, run)
     message = str(err.value)
     assert "step" in message and poisoned_name[0] in message
     bad_step = int(message.split("step ")[1].split()[0])

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import heatmap, metrics
-from grad_jax.evaluate import CategoryEval
-from grad_jax.report import figures, safe_name, write_report
+from grad_jax.evaluation import metrics
+from grad_jax.evaluation.evaluate import CategoryEval
+from grad_jax.evaluation.report import figures, safe_name, write_report
+from grad_jax.inference import heatmap
 
 SIZE = 32
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grad_jax import scoring
+from grad_jax.models import scoring
 from tests.conftest import require_module  # noqa: E402
 
 torch = require_module("torch", "pip install -e '.[test]'")

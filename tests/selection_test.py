@@ -6,10 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
-
-from grad_jax import input_pipeline, run_folder, selection, train
-from grad_jax import synthetic_defects as sd
 from grad_jax.configs import tiny
+
+from grad_jax.data import input_pipeline
+from grad_jax.data import synthetic_defects as sd
+from grad_jax.runs import run_folder
+from grad_jax.selection import select
+from grad_jax.training import loop
 from tests.conftest import tiny_category
 
 
@@ -36,18 +39,18 @@ def test_defect_changes_exactly_its_mask(kind):
 
 def test_parse_candidates():
     layers = (3, 4)
-    assert selection.parse_candidate("lite1@224", layers) == selection.Candidate(
+    assert select.parse_candidate("lite1@224", layers) == select.Candidate(
         "efficientnet-lite1", (224, 224), (3, 4)
     )
-    c = selection.parse_candidate("efficientnet-lite0@288x224:2-3", layers)
-    assert c == selection.Candidate("efficientnet-lite0", (288, 224), (2, 3))
+    c = select.parse_candidate("efficientnet-lite0@288x224:2-3", layers)
+    assert c == select.Candidate("efficientnet-lite0", (288, 224), (2, 3))
     assert c.name == "lite0@288x224:2-3"
-    with pytest.raises(selection.SelectionError, match="BACKBONE@SIZE"):
-        selection.parse_candidate("lite1-224", layers)
+    with pytest.raises(select.SelectionError, match="BACKBONE@SIZE"):
+        select.parse_candidate("lite1-224", layers)
     config = tiny.get_config()
     config.select = "auto"
     config.selection.candidates = "lite0@64,lite1@96"
-    names = [c.name for c in selection.candidates(config)]
+    names = [c.name for c in select.candidates(config)]
     assert names == ["lite0@64:3-4", "lite1@96:3-4"]  # the config's own recipe first, once
 
 
@@ -73,7 +76,7 @@ def _fake_probe(figures, seconds_per_epoch):
             "seconds": 0.0,
             "steps_per_epoch": 1,
         }
-        return selection.Probe(candidate, record)
+        return select.Probe(candidate, record)
 
     return probe
 
@@ -101,11 +104,11 @@ def test_the_best_figure_wins_within_budget(category, tmp_path, monkeypatch):
     config = _config(category, tmp_path / "tfds", "lite0@96,lite0@128,lite1@64")
     config.selection.probe_epochs = 1
     figures = {"lite0@64:3-4": 0.6, "lite0@96:3-4": 0.8, "lite0@128:3-4": 0.7, "lite1@64:3-4": 0.5}
-    monkeypatch.setattr(selection, "probe", _fake_probe(figures, {}))
-    record = selection.select(config, str(tmp_path / "run"))
+    monkeypatch.setattr(select, "probe", _fake_probe(figures, {}))
+    record = select.select(config, str(tmp_path / "run"))
     assert record["winner"] == "lite0@96:3-4"
     assert [c["name"] for c in record["candidates"]] == list(figures)
-    on_disk = json.loads((tmp_path / "run" / selection.SELECTION_FILE).read_text())
+    on_disk = json.loads((tmp_path / "run" / select.SELECTION_FILE).read_text())
     assert on_disk["winner"] == "lite0@96:3-4" and not on_disk["reused_probe"]
 
     # A better candidate whose full run cannot fit in the budget is not chosen: lite0@128 costs
@@ -119,8 +122,8 @@ def test_the_best_figure_wins_within_budget(category, tmp_path, monkeypatch):
         "lite1@64:3-4": 99.0,
     }
     figures = {"lite0@64:3-4": 0.6, "lite0@96:3-4": 0.5, "lite0@128:3-4": 0.8, "lite1@64:3-4": 0.7}
-    monkeypatch.setattr(selection, "probe", _fake_probe(figures, times))
-    record = selection.select(config, str(tmp_path / "run2"))
+    monkeypatch.setattr(select, "probe", _fake_probe(figures, times))
+    record = select.select(config, str(tmp_path / "run2"))
     by_name = {c["name"]: c for c in record["candidates"]}
     assert not by_name["lite0@128:3-4"]["fits_budget"]
     assert by_name["lite1@64:3-4"]["seconds_per_epoch_estimate"] == pytest.approx(10.0)
@@ -156,7 +159,7 @@ def test_selection_never_reads_the_test_split(category, tmp_path, monkeypatch):
 
     real_open = input_pipeline.open_categories
     monkeypatch.setattr(input_pipeline, "open_categories", no_dataset)
-    real_train = train.train_and_evaluate
+    real_train = loop.train_and_evaluate
     phases = []
 
     def final_run(config, workdir, extra_info=None):
@@ -166,9 +169,9 @@ def test_selection_never_reads_the_test_split(category, tmp_path, monkeypatch):
         monkeypatch.setattr(input_pipeline, "open_categories", real_open)
         return real_train(config, workdir, extra_info)
 
-    monkeypatch.setattr(train, "train_and_evaluate", final_run)
+    monkeypatch.setattr(loop, "train_and_evaluate", final_run)
     workdir = tmp_path / "run"
-    values = selection.select_and_train(_config(root, tmp_path / "tfds"), str(workdir))
+    values = select.select_and_train(_config(root, tmp_path / "tfds"), str(workdir))
 
     assert len(phases) == 1 and np.isfinite(values["mean/image_auroc"])
     saved = json.loads((workdir / "metrics.json").read_text())
@@ -189,13 +192,13 @@ def test_winner_continues_from_its_probe(category, tmp_path):
     the model that a plain run of the winning recipe gives."""
     config = _config(category, tmp_path / "tfds", candidates="")  # only the config's recipe
     selected = tmp_path / "selected"
-    selection.select_and_train(config, str(selected))
-    record = json.loads((selected / selection.SELECTION_FILE).read_text())
+    select.select_and_train(config, str(selected))
+    record = json.loads((selected / select.SELECTION_FILE).read_text())
     assert record["winner"] == "lite0@64:3-4" and record["reused_probe"]
 
     plain = config.copy_and_resolve_references()
     plain.select = ""
-    train.train_and_evaluate(plain, str(tmp_path / "plain"))
+    loop.train_and_evaluate(plain, str(tmp_path / "plain"))
 
     a = run_folder.load_trained(str(selected)).variables
     b = run_folder.load_trained(str(tmp_path / "plain")).variables

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import predict, served_model, service
+from grad_jax import predict
+from grad_jax.serving import served_model, service
 from tfds_mvtec.mvtec_ad import layout
 
 CHROMIUM = "/usr/bin/chromium"

@@ -1,4 +1,5 @@
-"""grad_jax.service through FastAPI's TestClient, grad_jax.batching, and the serve command line.
+"""grad_jax.serving.service through FastAPI's TestClient, grad_jax.serving.batching, and the
+serve command line.
 
 The model is a real tiny trained run (the session fixture `tiny_run`); every score the service
 returns is compared with `Predictor.predict` on the same image decoded independently.
@@ -17,8 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import batching, heatmap, predict, served_model, service, uploads
-from grad_jax.decisions import Prediction
+from grad_jax import predict
+from grad_jax.inference import heatmap
+from grad_jax.inference.decisions import Prediction
+from grad_jax.serving import batching, served_model, service, uploads
 from tfds_mvtec.mvtec_ad import layout
 
 SIZE = (64, 64)  # configs/tiny.py
@@ -483,8 +486,8 @@ def test_serve_command_usage_errors(tiny_run, tmp_path, capsys):
 
 
 def test_an_exported_model_serves_the_predictor_s_results(tiny_run, predictor, tmp_path):
-    """`--model=DIR`: the service over `grad_jax.deploy` answers with Predictor's scores,
-    classes, thresholds and decisions."""
+    """`--model=DIR`: the service over `grad_jax.inference.exported_model` answers with
+    Predictor's scores, classes, thresholds and decisions."""
     from fastapi.testclient import TestClient
 
     from grad_jax import export

@@ -5,12 +5,16 @@ import json
 
 import numpy as np
 import pytest
+from grad_jax.configs import tiny
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from grad_jax import errors, evaluate, inference, input_pipeline, predict, tiling, train
+from grad_jax import errors, predict
 from grad_jax.config import validate_config
-from grad_jax.configs import tiny
+from grad_jax.data import input_pipeline, tiling
+from grad_jax.evaluation import evaluate
+from grad_jax.inference import device_program
+from grad_jax.training import loop
 
 SIDE = 2048
 RADIUS = 48  # defect radius in native pixels
@@ -132,7 +136,7 @@ def highres(tmp_path_factory):
 def tiled_run(highres, tmp_path_factory):
     root, data_dir = highres
     workdir = tmp_path_factory.mktemp("tiled")
-    values = train.train_and_evaluate(_config(root, data_dir, True), str(workdir))
+    values = loop.train_and_evaluate(_config(root, data_dir, True), str(workdir))
     return workdir, values
 
 
@@ -158,7 +162,7 @@ def test_training_source_yields_the_tiles_of_the_scaled_images(highres):
 def test_tiling_finds_small_defects_that_resizing_misses(highres, tiled_run, tmp_path):
     root, data_dir = highres
     _, tiled = tiled_run
-    whole = train.train_and_evaluate(_config(root, data_dir, False), str(tmp_path / "whole"))
+    whole = loop.train_and_evaluate(_config(root, data_dir, False), str(tmp_path / "whole"))
     # Measured: pixel AUROC 0.816 tiled against 0.573 resized, AUPRO 0.505 against 0.236,
     # image AUROC 1.0 against 0.833.
     assert tiled["highres/pixel_auroc"] > 0.75
@@ -203,6 +207,6 @@ def test_tiled_run_evaluates_stitched_maps_and_predicts_at_the_original_size(hig
     assert size == (SIDE // 4, SIDE // 4)
     source = input_pipeline.IndexedSource(tests, items, size, ["highres"])
     k = next(i for i in range(len(source)) if source[i]["filename"].endswith("flat/001.png"))
-    tiled_fn = inference.make_tiled_predict_fn(predictor._predict_fn, predictor.config)
+    tiled_fn = device_program.make_tiled_predict_fn(predictor._predict_fn, predictor.config)
     want = tiled_fn(source[k]["image"][None])
     assert got.score == pytest.approx(float(want["score"][0]), rel=1e-5)

@@ -1,4 +1,5 @@
-"""Tests for grad_jax.torch_pickle: values must match torch.load; hostile files must be refused."""
+"""Tests for grad_jax.weights.torch_pickle: values must match torch.load; hostile files are
+refused."""
 
 import builtins
 import collections
@@ -16,8 +17,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grad_jax import torch_pickle as tp
-from grad_jax.torch_pickle import TorchFileError, UnsafePickleError
+from grad_jax.weights import torch_pickle as tp
+from grad_jax.weights.torch_pickle import TorchFileError, UnsafePickleError
 from tests.conftest import require_module  # noqa: E402
 
 torch = require_module("torch", "pip install -e '.[test]'")

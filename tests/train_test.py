@@ -19,10 +19,13 @@ import jax
 import numpy as np
 import pytest
 
-from grad_jax import checkpointing, errors, evaluate, run_records, train
+from grad_jax import errors
+from grad_jax.evaluation import evaluate
 from grad_jax.models.model import ModelVariables, build_model
-from grad_jax.optim import make_optimizer
-from grad_jax.train_state import TrainState
+from grad_jax.runs import checkpointing
+from grad_jax.runs.train_state import TrainState
+from grad_jax.training import loop, run_records
+from grad_jax.training.optim import make_optimizer
 from tests.conftest import ROOT, tiny_category
 from tests.train_worker import record_scores, tiny_config
 
@@ -54,7 +57,7 @@ def losses(workdir):
 def run_in_process(config, workdir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluate, "publish", record_scores(evaluate.publish))
-        return train.train_and_evaluate(config, workdir)
+        return loop.train_and_evaluate(config, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +154,7 @@ def _stop_at_step(n):
 def test_interrupted_run_resumes_exactly(reference_run, data, tmp_path, monkeypatch):
     ref_dir, _ = reference_run
     workdir = str(tmp_path / "resumed")
-    monkeypatch.setattr(train, "StopFlag", _stop_at_step(4))  # the first step of epoch 2
+    monkeypatch.setattr(loop, "StopFlag", _stop_at_step(4))  # the first step of epoch 2
     with pytest.raises(errors.Interrupted, match="stopped at step 5"):
         run_in_process(config_for(data), workdir)
     assert checkpointing.Checkpoints(workdir).steps() == [3, 5]  # epoch 1's end, the stop
@@ -166,7 +169,7 @@ def test_interrupted_run_resumes_exactly(reference_run, data, tmp_path, monkeypa
 def test_interrupt_at_the_last_step_finishes_on_rerun(reference_run, data, tmp_path, monkeypatch):
     ref_dir, _ = reference_run
     workdir = str(tmp_path / "last")
-    monkeypatch.setattr(train, "StopFlag", _stop_at_step(STEPS))
+    monkeypatch.setattr(loop, "StopFlag", _stop_at_step(STEPS))
     with pytest.raises(errors.Interrupted, match="training is complete"):
         run_in_process(config_for(data), workdir)
     monkeypatch.undo()
@@ -199,11 +202,11 @@ def test_checkpoint_from_another_config_is_refused(reference_run, data):
         evaluate.evaluate_workdir(workdir, config)
     before = open(os.path.join(workdir, "config.json")).read()
     with pytest.raises(checkpointing.CheckpointMismatchError, match="model.ch_exp"):
-        train.train_and_evaluate(config, workdir)  # restarting with other widths
+        loop.train_and_evaluate(config, workdir)  # restarting with other widths
     assert open(os.path.join(workdir, "config.json")).read() == before
 
 
-@pytest.mark.parametrize("field,value", [("seed", 1), ("train.batch_size", 8), ("train.epochs", 3)])
+@pytest.mark.parametrize("field,value", [("seed", 1), ("loop.batch_size", 8), ("loop.epochs", 3)])
 def test_resume_with_another_batch_seed_or_length_is_refused(reference_run, data, field, value):
     workdir, _ = reference_run
     config = config_for(data)
@@ -211,7 +214,7 @@ def test_resume_with_another_batch_seed_or_length_is_refused(reference_run, data
     (config[section] if section else config)[key] = value
     before = open(os.path.join(workdir, "config.json")).read()
     with pytest.raises(checkpointing.CheckpointMismatchError, match=field.replace(".", r"\.")):
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
     assert open(os.path.join(workdir, "config.json")).read() == before
 
 

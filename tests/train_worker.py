@@ -17,8 +17,11 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from grad_jax import cli, evaluate, train  # noqa: E402
 from grad_jax.configs import tiny  # noqa: E402
+
+from grad_jax import cli
+from grad_jax.evaluation import evaluate
+from grad_jax.training import loop
 
 
 def tiny_config(root: str, data_dir: str, epochs: int, holdout: float = 0.0, bn_group: int = 0):
@@ -52,7 +55,7 @@ def record_scores(publish=evaluate.publish):
 
 
 def slow_steps(delay: float):
-    original = train.make_train_step
+    original = loop.make_train_step
 
     def make(*args, **kwargs):
         step_fn = original(*args, **kwargs)
@@ -63,7 +66,7 @@ def slow_steps(delay: float):
 
         return step
 
-    train.make_train_step = make
+    loop.make_train_step = make
 
 
 if __name__ == "__main__":
@@ -77,4 +80,4 @@ if __name__ == "__main__":
         slow_steps(delay)
     with cli.friendly_errors():
         config = tiny_config(root, data_dir, int(epochs), holdout, bn_group)
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)

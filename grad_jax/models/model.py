@@ -1,8 +1,9 @@
 """build_model(config): frozen EfficientNet backbone + MFCN neck + CRAD head, as one NNX module.
 
 The model has no file I/O: it is built with random weights; pretrained backbone weights are put
-in by `grad_jax.weights` and trained weights by `grad_jax.checkpointing`. `ModelVariables` is its
-functional view: a graph definition and flat variable dicts, the form jitted code works on.
+in by `grad_jax.weights.state_dicts` and trained weights by `grad_jax.runs.checkpointing`.
+`ModelVariables` is its functional view: a graph definition and flat variable dicts, the form
+jitted code works on.
 """
 
 from __future__ import annotations

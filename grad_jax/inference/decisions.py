@@ -1,0 +1,209 @@
+"""What a score means: the result type, calibrated values, thresholds and class recognition.
+
+Shared by `grad_jax.inference.predictor.Predictor` and the exported model
+(`grad_jax.inference.exported_model`), so it needs numpy only. Everything here reads the
+model's meta (a JSON-able dict):
+
+- `meta["threshold"]`: the run's decision threshold, set at training time from held-out normal
+  images: `image_score` (all classes), `per_category` (class -> threshold), `quantile`,
+  `normal_scores` (class -> the held-out normal images' scores behind them), `source`;
+- `meta["class_centres"]`: `names` and `centres` (`[K, D]`), the mean pooled backbone feature of
+  each class's training images, for recognising the class of an image;
+- `meta["categories"]`: the class names, in training order.
+
+Runs trained before these were stored lack `normal_scores` (no calibrated value) or
+`class_centres` (no recognition); the results then say so in `threshold_source`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+#: Why an unknown class cannot be recognised in a model without class centres.
+NO_CENTRES = (
+    "class recognition is unavailable: the model was trained before class centres were stored "
+    "(retrain it, or pass the class explicitly)"
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prediction:
+    """The result for one image.
+
+    score: the image anomaly score (higher = more anomalous).
+    anomaly_map: `[H, W]` float32, the raw per-pixel anomaly map at the model input size
+        (before the smoothing that the score is computed from).
+    is_anomalous: `score >= threshold`, or None when no threshold is known.
+    category: the class the decision was made for (given by the caller, or recognised), or
+        None when unknown.
+    calibrated: the fraction of that class's held-out normal images that scored lower (0.999:
+        more anomalous than 99.9% of normal parts), or None when the model has no such scores.
+    threshold: the threshold the decision used, or None.
+    threshold_source: where the threshold (and the class) came from, in words.
+    category_source: 'given', 'recognised', 'only class' or '' (unknown).
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    is_anomalous: bool | None
+    category: str | None = None
+    calibrated: float | None = None
+    threshold: float | None = None
+    threshold_source: str = ""
+    category_source: str = ""
+
+
+def calibrated_value(score: float, normal_scores: Sequence[float] | np.ndarray) -> float | None:
+    """The fraction of `normal_scores` strictly below `score` (None if there are none)."""
+    normal = np.sort(np.asarray(normal_scores, np.float64).ravel())
+    if normal.size == 0 or not math.isfinite(score):
+        return None
+    return float(np.searchsorted(normal, score, side="left") / normal.size)
+
+
+def nearest_centre(pooled: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre (Euclidean) for each row: `[N, D]`, `[K, D]` -> `[N]` int."""
+    pooled = np.asarray(pooled, np.float64)
+    centres = np.asarray(centres, np.float64)
+    if pooled.ndim != 2 or centres.ndim != 2 or pooled.shape[1] != centres.shape[1]:
+        raise ValueError(f"pooled {pooled.shape} and centres {centres.shape} do not match")
+    d2 = (
+        (pooled**2).sum(1)[:, None] - 2.0 * pooled @ centres.T + (centres**2).sum(1)[None, :]
+    )  # [N, K]
+    return np.argmin(d2, axis=1)
+
+
+class Decisions:
+    """Thresholds, calibrated values and class recognition from a model's meta dict."""
+
+    def __init__(self, meta: dict[str, Any] | None):
+        meta = dict(meta or {})
+        self.meta = meta
+        th = meta.get("threshold") or {}
+        self.run_threshold: float | None = _float_or_none(th.get("image_score"))
+        self.per_category = {
+            str(k): float(v) for k, v in (th.get("per_category") or {}).items() if v is not None
+        }
+        self.normal_scores = {
+            str(k): np.asarray(v, np.float64) for k, v in (th.get("normal_scores") or {}).items()
+        }
+        self.quantile = th.get("quantile")
+        centres = meta.get("class_centres") or {}
+        self.centre_names = [str(n) for n in centres.get("names") or []]
+        self.centres = (
+            np.asarray(centres["centres"], np.float32) if self.centre_names else np.zeros((0, 0))
+        )
+        names = meta.get("categories") or self.centre_names or sorted(self.per_category)
+        self.categories: list[str] = [str(n) for n in names]
+        self.fixed = False  # True: every image is decided with `fixed_threshold` (maybe None)
+        self.fixed_threshold: float | None = None
+
+    def fix_threshold(self, value: float | None) -> None:
+        """Decide every image with `value` (None: make no decision), whatever its class."""
+        self.fixed, self.fixed_threshold = True, None if value is None else float(value)
+
+    def use_stored_thresholds(self) -> None:
+        self.fixed, self.fixed_threshold = False, None
+
+    @property
+    def can_recognise(self) -> bool:
+        return len(self.centre_names) > 0
+
+    def categories_for(
+        self, n: int, categories: Sequence[str | None] | str | None, pooled: np.ndarray | None
+    ) -> list[tuple[str | None, str]]:
+        """(class, how it was found) for `n` images: from the caller, the only class, recognised
+        from `pooled` (`[n, D]`), or (None, '') when none of these is possible."""
+        if categories is None or isinstance(categories, str):
+            wanted: list[str | None] = [categories] * n
+        else:
+            wanted = list(categories)
+            if len(wanted) != n:
+                raise ValueError(f"{len(wanted)} categories given for {n} images")
+        for c in wanted:
+            if c is not None and self.categories and c not in self.categories:
+                raise ValueError(
+                    f"unknown class {c!r}; this model knows: {', '.join(self.categories)}"
+                )
+        out: list[tuple[str | None, str]] = []
+        recognised: np.ndarray | None = None
+        for i, c in enumerate(wanted):
+            if c is not None:
+                out.append((c, "given"))
+            elif len(self.categories) == 1:
+                out.append((self.categories[0], "only class"))
+            elif self.can_recognise and pooled is not None:
+                if recognised is None:
+                    recognised = nearest_centre(pooled, self.centres)
+                out.append((self.centre_names[int(recognised[i])], "recognised"))
+            else:
+                out.append((None, ""))
+        return out
+
+    def threshold_for(self, category: str | None) -> tuple[float | None, str]:
+        """(threshold, where it came from) for an image of `category` (None: unknown)."""
+        if self.fixed:
+            if self.fixed_threshold is None:
+                return None, "none: no threshold (the caller removed it)"
+            return self.fixed_threshold, "given by the caller"
+        q = f"{self.quantile:.4g} quantile" if self.quantile is not None else "quantile"
+        if category is not None and category in self.per_category:
+            n = len(self.normal_scores.get(category, ()))
+            count = f" of {n}" if n else " of the"
+            return (
+                self.per_category[category],
+                f"class '{category}': {q}{count} held-out normal images' scores",
+            )
+        if self.run_threshold is None:
+            return None, "none: the model stores no decision threshold (no held-out images)"
+        why = "the run's threshold over all classes"
+        if category is None and len(self.categories) > 1:
+            why += " (class unknown"
+            why += ")" if self.can_recognise else "; " + NO_CENTRES + ")"
+        return self.run_threshold, why
+
+    def calibrated_for(self, score: float, category: str | None) -> float | None:
+        if category is not None and category in self.normal_scores:
+            return calibrated_value(score, self.normal_scores[category])
+        if category is None and self.normal_scores:
+            return calibrated_value(score, np.concatenate(list(self.normal_scores.values())))
+        return None
+
+    def results(
+        self,
+        scores: np.ndarray,
+        raw_maps: np.ndarray,
+        categories: Sequence[str | None] | str | None = None,
+        pooled: np.ndarray | None = None,
+    ) -> list[Prediction]:
+        """Predictions for `scores` `[n]`, `raw_maps` `[n, H, W]` and `pooled` `[n, D]`."""
+        n = len(scores)
+        out = []
+        for i, (category, how) in enumerate(self.categories_for(n, categories, pooled)):
+            score = float(scores[i])
+            threshold, source = self.threshold_for(category)
+            decision = None if threshold is None else bool(score >= threshold)
+            if how == "recognised":
+                source += "; class recognised from the image's backbone features"
+            out.append(
+                Prediction(
+                    score,
+                    np.array(raw_maps[i], np.float32),
+                    decision,
+                    category,
+                    self.calibrated_for(score, category),
+                    threshold,
+                    source,
+                    how,
+                )
+            )
+        return out
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,349 @@
+"""train_and_evaluate(config, workdir): the training loop, then calibration and evaluation.
+
+The trainable state (`TrainState`: head params, BN statistics, optimiser state, step) is separate
+from the frozen backbone, which is passed to the step as a constant. The step is `jax.jit` with
+`in_shardings` / `out_shardings` over a `Mesh` with a `data` axis (pjit-style), with the state
+donated. Around the loop: the feature cache (`feature_cache`), the metrics log and the stop
+request (`run_records`), checkpoints (`checkpointing`), and, with the final model, the decision
+threshold and class centres (`calibration`) and the test evaluation (`evaluate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import auto as tqdm
+
+from grad_jax.config import validate_config
+from grad_jax.data import input_pipeline
+from grad_jax.devices import sharding
+from grad_jax.devices.precision import with_precision
+from grad_jax.errors import ConfigError, Interrupted
+from grad_jax.evaluation import evaluate
+from grad_jax.inference import device_program
+from grad_jax.models.grad_head import feature_loss
+from grad_jax.models.model import ModelVariables, build_model, split_model, to_flat
+from grad_jax.runs import checkpointing, run_folder
+from grad_jax.runs.train_state import TrainState
+from grad_jax.training import calibration, feature_cache
+from grad_jax.training.optim import make_optimizer
+from grad_jax.training.run_records import MetricsLog, StopFlag
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted step
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_step(
+    variables: ModelVariables,
+    tx: optax.GradientTransformation,
+    mesh,
+    from_features: bool,
+    seed: int,
+    precision: str = "default",
+) -> Callable:
+    """step(state, backbone, batch) -> (state, metrics). Batch: 'image' or 'feature_<i>', and
+    optionally 'stop' (see `step_inputs`)."""
+    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    base_key = jax.random.key(seed)
+
+    def step(state: TrainState, backbone, batch):
+        noise_key = jax.random.fold_in(base_key, state.step)
+
+        def loss_fn(params):
+            model = variables.merge(backbone, params, state.batch_stats)
+            if from_features:
+                feats = [batch[f"feature_{i}"] for i in range(len(model.backbone.out_blocks))]
+                out = model.from_features(feats, train=True, noise_key=noise_key)
+            else:
+                out = model(batch["image"], train=True, noise_key=noise_key)
+            new_stats = to_flat(split_model(model)[3])
+            return feature_loss(out), new_stats
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state = state.apply_gradients(grads, stats, tx)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        # Every process's stop request rides with its rows of the batch: the maximum is the
+        # same on all processes, so they all stop after the same step (see `_train_loop`).
+        stop = jnp.max(batch["stop"]) if "stop" in batch else jnp.zeros((), jnp.int32)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "stop": stop}
+
+    jitted = jax.jit(
+        step,
+        in_shardings=(rep, rep, data),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+    return with_precision(jitted, precision)
+
+
+def step_inputs(local: dict[str, Any], stop: bool | None = None) -> dict[str, np.ndarray]:
+    """What the step reads from this process's rows of a batch: the images (or cached
+    features), and with `stop` given, each row's stop request."""
+    inputs = {k: v for k, v in local.items() if k == "image" or k.startswith("feature_")}
+    if stop is not None:
+        inputs["stop"] = np.full((len(local["filename"]),), int(stop), np.int32)
+    return inputs
+
+
+def epoch_batches(
+    source, epoch: int, skip: int, config: ml_collections.ConfigDict, cache=None
+) -> Iterator[dict[str, Any]]:
+    """This process's rows of every global batch of `epoch` after the first `skip` images
+    (a resumed epoch), decoded from `source` or read from the feature `cache`."""
+    batch = config.train.batch_size
+    order = input_pipeline.epoch_order(len(source), config.seed, epoch, batch, jax.device_count())
+    order = order[skip:]
+    if cache is not None:
+        features, names = cache
+        return feature_cache.cached_batches(features, names, order, batch, source)
+    return input_pipeline.batches(source, order, batch, workers=config.data.num_workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """What the training loop needs and keeps for the whole run."""
+
+    config: ml_collections.ConfigDict
+    variables: ModelVariables
+    tx: optax.GradientTransformation
+    schedules: dict[str, Callable[[int], Any]]
+    mesh: Any
+    backbone: Any  # replicated on the mesh
+    source: Any  # IndexedSource or TiledSource of the training images
+    steps_per_epoch: int
+    checkpoints: checkpointing.Checkpoints
+    run_values: dict[str, Any]  # the trajectory settings a resume must agree on
+    metrics_log: MetricsLog | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.train.epochs
+
+    def save(self, step: int, state: TrainState, final: bool = False, extra=None) -> None:
+        record = {
+            "step": step,
+            "epoch": step / self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "final": final,
+            "run": self.run_values,
+            **(extra or {}),
+        }
+        self.checkpoints.save(step, state, self.backbone, self.config, record)
+
+    def record_step(self, pending: tuple) -> None:
+        """Check and log a finished step: `(step, metrics, filenames, images per second)`."""
+        step, step_metrics, filenames, rate = pending
+        self.metrics_log.record_step(
+            step, step_metrics, filenames, rate, self.schedules, self.steps_per_epoch,
+            self.config.train.log_every_steps,
+        )  # fmt: skip
+
+
+def _open_data(config: ml_collections.ConfigDict):
+    """(categories, training source, held-out items); resolves `data.image_size` in `config`."""
+    categories = input_pipeline.open_categories(config)
+    with config.ignore_type():  # 'auto' becomes the chosen (height, width), kept in config.json
+        config.data.image_size = input_pipeline.resolve_image_size(config, categories)
+    names = [c.name for c in categories]
+    train_items, held_items = input_pipeline.split_holdout(
+        categories, config.threshold.holdout_fraction, config.seed
+    )
+    sources = [c.train for c in categories]
+    train_source = input_pipeline.training_source(config, sources, train_items, names)
+    if len(train_source) == 0:
+        raise ConfigError(
+            "no training images left after holding out threshold.holdout_fraction of them"
+        )
+    return categories, train_source, held_items
+
+
+def _start_or_resume(config, workdir: str, train_source) -> tuple[TrainingRun, TrainState, dict]:
+    """The run and its state: new (pretrained backbone), or from the latest checkpoint (which
+    holds the backbone). Returns (run, state on the host, the checkpoint's meta)."""
+    n_train = len(train_source)
+    spe = input_pipeline.steps_per_epoch(n_train, config.train.batch_size, jax.device_count())
+    ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints)
+    resuming = ckpt.latest_step() is not None
+    run_values = {
+        **checkpointing.fingerprint(config, checkpointing.RESUME_FIELDS),
+        "train_images": n_train,
+    }
+    model = build_model(config, config.seed) if resuming else run_folder.create_model(config)
+    variables = ModelVariables.from_model(model)
+    tx, schedules = make_optimizer(config.train, spe, variables.params)
+    state = TrainState.create(variables.params, variables.batch_stats, tx)
+    backbone, meta = variables.backbone, {}
+    if resuming:
+        step, state, backbone, meta = ckpt.restore_training(state, backbone, config)
+        checkpointing.check_resume(meta.get("run"), run_values, workdir)
+        log.info("resuming from step %d (%s)", step, ckpt.directory)
+    if jax.process_index() == 0:
+        # Only now: a run restarted with an incompatible config has been refused above and
+        # must not overwrite the config its checkpoints belong to.
+        run_folder.write_config(config, workdir)
+    mesh = sharding.make_mesh()
+    run = TrainingRun(
+        config, variables.replace(backbone=backbone), tx, schedules, mesh,
+        sharding.replicate(backbone, mesh), train_source, spe, ckpt, run_values,
+    )  # fmt: skip
+    return run, state, meta
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, extra_info: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train (resuming from the latest checkpoint), set the threshold, evaluate, report.
+
+    `extra_info` (e.g. the recipe selection's record) is added to metrics.json.
+    """
+    sharding.maybe_initialize_distributed()
+    config = config.copy_and_resolve_references()  # never mutate the caller's config
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    categories, train_source, held_items = _open_data(config)
+    run, state, meta = _start_or_resume(config, workdir, train_source)
+    start_step = int(state.step)
+    state = sharding.replicate(state, run.mesh)
+    done = bool(meta.get("final")) and start_step >= run.total_steps
+    run.metrics_log = MetricsLog(workdir, start_step)
+    cache, stopped = None, False
+    if not done:
+        state, cache, stopped = _train_loop(run, state, start_step)
+
+    final = run.variables.replace(
+        backbone=run.backbone, params=state.params, batch_stats=state.batch_stats
+    )
+    predict = device_program.make_predict_fn(final, config, run.mesh)
+    if not done:
+        meta = _calibrate_and_save(run, state, final, predict, categories, held_items, cache)
+    run.checkpoints.close()
+    if stopped:
+        raise Interrupted(
+            f"stopped after the last step; training is complete and saved (step "
+            f"{run.total_steps}). Run the same command again to evaluate."
+        )
+    results = evaluate.evaluate_categories(predict, categories, config)
+    info = {
+        "model": f"final (epoch {config.train.epochs}), not selected on the test set",
+        "threshold": meta.get("threshold"),
+        "step": run.total_steps,
+        **(extra_info or {}),
+    }
+    return evaluate.publish(workdir, results, info, meta.get("class_centres"))
+
+
+def _calibrate_and_save(run, state, final, predict, categories, held_items, cache) -> dict:
+    """The decision threshold and class centres of the final model, saved with it as the final
+    checkpoint; returns that checkpoint's meta."""
+    config = run.config
+    meta = {
+        "threshold": calibration.decision_threshold(predict, categories, held_items, config),
+        "class_centres": calibration.class_centres(
+            final, None if cache is None else cache[0], run.source, config, run.mesh
+        ),
+        "categories": [c.name for c in categories],
+    }
+    if run.total_steps in run.checkpoints.steps():
+        # A non-final save of the last step (an interrupt there, by an older version): the
+        # state is the one just restored from it, so replacing it loses nothing.
+        run.checkpoints.delete(run.total_steps)
+    run.save(run.total_steps, state, final=True, extra=meta)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare_features(run: TrainingRun):
+    """The feature cache `(features, names)` when the config asks for one (else None)."""
+    config = run.config
+    shapes = feature_cache.feature_shapes(run.variables, config)
+    if not feature_cache.use_cache(config, shapes, len(run.source)):
+        return None
+    extract = feature_cache.make_extract_fn(run.variables, run.mesh, config.model.precision)
+    return feature_cache.build_feature_cache(
+        extract, run.backbone, run.source, config, run.mesh, shapes
+    )
+
+
+def _train_loop(run: TrainingRun, state: TrainState, start_step: int):
+    """Run the remaining epochs; returns (final state, the feature cache or None, whether a
+    stop was asked at the last step). A stop before the last step saves a checkpoint and raises
+    Interrupted."""
+    config = run.config
+    cache = _prepare_features(run)
+    step_fn = make_train_step(
+        run.variables, run.tx, run.mesh, cache is not None, config.seed, config.model.precision
+    )
+    spe, step, stopped = run.steps_per_epoch, start_step, False
+    with StopFlag() as stop:
+
+        def stop_agreed(checked, latest) -> bool:
+            """Logs the `checked` step; True when any process asked to stop in its batch (all
+            processes see the same value after the same step). Before the last step, saves the
+            `latest` step (logged too) and raises Interrupted."""
+            run.record_step(checked)
+            if not bool(checked[1]["stop"]):
+                return False
+            if step < run.total_steps:
+                if latest is not checked:
+                    run.record_step(latest)
+                run.save(step, state)
+                raise Interrupted(f"stopped at step {step}; run the same command again to continue")
+            return True  # the last step: training is complete, the caller saves it as final
+
+        for epoch in range(start_step // spe, config.train.epochs):
+            done_in_epoch = step - epoch * spe
+            batches = epoch_batches(
+                run.source, epoch, done_in_epoch * config.train.batch_size, config, cache
+            )
+            bar = tqdm.tqdm(
+                total=spe,
+                initial=done_in_epoch,
+                desc=f"epoch {epoch + 1}/{config.train.epochs}",
+                disable=jax.process_index() != 0,
+                leave=False,
+            )
+            pending = None  # (step, metrics, filenames, rate): checked one step late
+            t0, images_seen = time.time(), 0
+            for local in batches:
+                inputs = step_inputs(local, stop.requested())
+                state, step_metrics = step_fn(
+                    state, run.backbone, sharding.global_batch(inputs, run.mesh)
+                )
+                step += 1
+                images_seen += len(local["filename"]) * jax.process_count()
+                latest = (step, step_metrics, local["filename"], images_seen / (time.time() - t0))
+                if pending is not None:
+                    stopped = stop_agreed(pending, latest)
+                pending = latest
+                bar.update(1)
+            bar.close()
+            if pending is not None:
+                stopped = stop_agreed(pending, pending) or stopped
+            every = config.train.checkpoint_every_epochs
+            last_epoch = epoch + 1 == config.train.epochs
+            if not last_epoch and every > 0 and (epoch + 1) % every == 0:
+                run.save(step, state)
+    return state, cache, stopped
