@@ -1,7 +1,7 @@
 """Command-line entry point: `python -m grad_jax.main --config=configs/unified.py --workdir=DIR`.
 
 --mode=train (default) trains, resuming from the latest checkpoint in --workdir, then evaluates
-the final model (with --config.select=auto it first chooses the recipe: select.py);
+the final model (with --config.select=auto it first chooses the recipe: grad_jax.selection);
 --mode=eval reloads the latest checkpoint and evaluates it.
 """
 

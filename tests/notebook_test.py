@@ -62,7 +62,7 @@ def test_full_run_path_uses_the_project_entry_points():
         "unified.get_config()",
         "config.model.backbone_weights = B4_WEIGHTS",
         "tfds_mvtec.prepare(category, TFDS_DATA_DIR, manual_dir=DRIVE_MANUAL_DIR)",
-        "train.train_and_evaluate(config, WORKDIR)",
+        "loop.train_and_evaluate(config, WORKDIR)",
         "Predictor.from_workdir(WORKDIR)",
         "heatmap.overlay(",
         "drive.mount(",

@@ -206,7 +206,7 @@ def test_checkpoint_from_another_config_is_refused(reference_run, data):
     assert open(os.path.join(workdir, "config.json")).read() == before
 
 
-@pytest.mark.parametrize("field,value", [("seed", 1), ("loop.batch_size", 8), ("loop.epochs", 3)])
+@pytest.mark.parametrize("field,value", [("seed", 1), ("train.batch_size", 8), ("train.epochs", 3)])
 def test_resume_with_another_batch_seed_or_length_is_refused(reference_run, data, field, value):
     workdir, _ = reference_run
     config = config_for(data)

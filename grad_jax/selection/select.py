@@ -17,7 +17,7 @@ alone:
    a candidate competes if its full run can train at least 80% of the epochs the config's own
    recipe could (that one always competes; epoch times come from the fastest measured rate
    per unit of head cost, since the load of a shared machine changes between probes), and the
-   winner trains the epochs that fit (at most `loop.epochs`, the learning-rate step moved in
+   winner trains the epochs that fit (at most `train.epochs`, the learning-rate step moved in
    proportion). The best figure wins, ties going
    to the earlier candidate. Its probe state is exactly the first `probe_epochs` of its full run
    (same images, order, seeds and learning-rate schedule), so it is written as that run's first
