@@ -218,7 +218,7 @@ def _batch8(exported, predictor, variables, config, truncated, session) -> dict:
 
     cases = {
         "grad_jax_exported": lambda: exported.run(images),
-        "grad_jax_predictor": lambda: batched._predict_fn(images),
+        "grad_jax_predictor": lambda: batched.program(images),
         "torch_eager": torch_run,
         "onnxruntime": lambda: session.run(["score"], {"x": x}),
     }

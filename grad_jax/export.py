@@ -28,6 +28,7 @@ from grad_jax.data import images
 from grad_jax.errors import UsageError
 from grad_jax.files import atomic_write_bytes, atomic_write_json
 from grad_jax.inference import device_program, exported_model
+from grad_jax.inference.scorer import ScoringSpec
 from grad_jax.runs import checkpointing
 from grad_jax.runs.run_folder import TrainedModel, load_trained
 
@@ -53,6 +54,7 @@ def build_meta(trained: TrainedModel, exported: Any) -> dict[str, Any]:
     """meta.json without the model file's digest (added once the file is written)."""
     config = trained.config
     h, w = (int(x) for x in config.data.image_size)
+    spec = ScoringSpec.from_config(config)
     meta = trained.meta
     threshold = meta.get("threshold")
     categories = meta.get("categories") or (
@@ -68,9 +70,16 @@ def build_meta(trained: TrainedModel, exported: Any) -> dict[str, Any]:
             "shape": ["n", h, w, 3],
             "dtype": "uint8",
             "image_size": [h, w],
-            "resize": images.RESIZE_RULE,
+            "resize": images.RESIZE_RULE
+            if not spec.tiled
+            else f"tiled: to_rgb8, then Pillow bilinear by the scale {spec.tile_scale:g} (raised "
+            f"so that both sides hold a tile), cut into {spec.tile_size}x{spec.tile_size} tiles "
+            f"overlapping by at least {spec.tile_overlap} px; the program scores tiles, the "
+            "scorer stitches their raw maps (overlaps averaged), then smooths and scores the "
+            "stitched map",
             "normalisation": "inside the program (the backbone's own, on 0..255 RGB)",
         },
+        "scoring": spec.to_meta(),
         "outputs": {
             "raw": "[n, H, W] float32: the anomaly map (upsampled distance, before smoothing)",
             "smoothed": f"[n, H, W] float32: raw after the {config.eval.smooth_size}x"

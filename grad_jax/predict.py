@@ -12,6 +12,11 @@ Python (the API lives in `grad_jax.inference.predictor`)::
 Command line::
 
     python -m grad_jax.predict --workdir=runs/bottle --out=results PATH [PATH ...]
+    python -m grad_jax.predict --model=models/bottle --out=results PATH [PATH ...]
+
+--workdir scores with a run folder, --model with an exported model folder
+(`python -m grad_jax.export`); both through the one scorer (`grad_jax.inference.scorer`), so
+they give the same results.
 
 PATHs are image files or folders (searched recursively for .png .jpg .jpeg .bmp .tif .tiff in
 any letter case; hidden files and folders are skipped). Results in --out:
@@ -32,7 +37,6 @@ errors (no paths, a folder that is not a run) exit with status 2.
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 import pathlib
@@ -43,7 +47,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from absl import flags
-from PIL import Image
 from tqdm import auto as tqdm
 
 from grad_jax import cli
@@ -52,7 +55,9 @@ from grad_jax.errors import UsageError
 from grad_jax.files import atomic_write_bytes, remove, temp_name, unique_name
 from grad_jax.inference import heatmap
 from grad_jax.inference.decisions import Prediction
-from grad_jax.inference.predictor import Predictor, upsample_map
+from grad_jax.inference.loader import load_scorer
+from grad_jax.inference.predictor import Predictor
+from grad_jax.inference.scorer import Scorer, colour_range
 from tfds_mvtec.mvtec_ad import layout
 
 #: The exit statuses of the command line.
@@ -144,11 +149,9 @@ class _NpzWriter:
 
 
 def _write_overlay(path: str, image: np.ndarray, anomaly_map: np.ndarray, vmin, vmax) -> None:
-    blended = heatmap.overlay(image, upsample_map(anomaly_map, image.shape[:2]), vmin, vmax)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    buffer = io.BytesIO()
-    Image.fromarray(blended).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    overlay = heatmap.overlay_image(image, anomaly_map, vmin, vmax)
+    atomic_write_bytes(path, heatmap.png_bytes(overlay))
 
 
 def overlay_names(keys: Sequence[str]) -> dict[str, str]:
@@ -177,48 +180,49 @@ def _fmt(value: float | None) -> str:
 
 
 def resolve_threshold(
-    predictor: Predictor, threshold: float | None, category: str | None
+    scorer: Scorer, threshold: float | None, category: str | None
 ) -> tuple[float | None, str]:
-    """(threshold, where it comes from): --threshold, else --category's, else the run's."""
+    """(threshold, where it comes from) for README.txt and the summary line: --threshold, else
+    --category's (the scorer's rule for that class), else the run's; with several classes and
+    neither flag, each image's own class decides (the value is then the run's, for reference)."""
     if threshold is not None and category is not None:
         raise UsageError("give either --threshold or --category, not both")
+    if threshold is not None and not math.isfinite(threshold):
+        raise UsageError(f"--threshold must be a finite number, got {threshold}")
+    if category is not None and category not in scorer.categories:
+        have = ", ".join(scorer.categories) or "none (the model stores no class names)"
+        raise UsageError(f"--category={category}: the model has no such class; known: {have}")
+    value, source = scorer.threshold_for(category, threshold)
     if threshold is not None:
-        if not math.isfinite(threshold):
-            raise UsageError(f"--threshold must be a finite number, got {threshold}")
-        return float(threshold), "given with --threshold"
-    if category is not None:
-        known = predictor.category_thresholds
-        if category not in known:
-            have = ", ".join(sorted(known)) or "none (the run stored no per-category thresholds)"
-            raise UsageError(f"--category={category}: no threshold for it; known: {have}")
-        return known[category], f"the run's threshold for category '{category}'"
-    if predictor.threshold is None:
-        return None, "none: the run stored no decision threshold (trained without held-out images)"
-    source = (predictor.meta.get("threshold") or {}).get("source")
-    return predictor.threshold, "stored with the run" + (f", from {source}" if source else "")
+        source = "given with --threshold"
+    elif category is None and len(scorer.categories) > 1:
+        source = "per image: the threshold of its class (recognised from the image)"
+    return value, source
 
 
 def write_outputs(
-    predictor: Predictor,
+    scorer: Scorer,
     files: Sequence[tuple[str, str]],
     out: str,
-    threshold_source: str,
+    threshold_line: tuple[float | None, str],
     report_failure: Callable[[str, str], None],
     progress: bool = True,
     missing: Sequence[tuple[str, str]] = (),
     category: str | None = None,
+    threshold: float | None = None,
 ) -> tuple[int, list[tuple[str, str]]]:
     """Score `files` (`(path, key)`) and write scores.csv, maps.npz, overlays/ and README.txt.
 
+    `threshold_line`: (value, where it comes from) for README.txt (`resolve_threshold`).
     `missing`: `(path, reason)` of inputs that failed before (listed in README.txt too).
-    `category`: the class of every image (None: each image's is recognised).
+    `category`: the class of every image (None: each image's is recognised); `threshold`:
+    decide every image with it (None: the stored thresholds). Overlays follow the scorer's
+    colour rule (`scorer.colour_range`): an image decided with a positive threshold at once,
+    the others in a second pass over the range of all their maps.
     Every output is written under a temporary name and renamed when complete. Returns (number
     of images scored, [(path, reason)] of the files that could not be read).
     """
     os.makedirs(out, exist_ok=True)
-    threshold = predictor.threshold
-    fixed_range = threshold is not None and threshold > 0
-    vmin, vmax = (0.0, 2.0 * threshold) if fixed_range else (math.inf, -math.inf)
     final = {name: os.path.join(out, name) for name in ("scores.csv", "maps.npz", "README.txt")}
     final[OVERLAY_DIR] = os.path.join(out, OVERLAY_DIR)
     temps = {name: temp_name(path) for name, path in final.items()}
@@ -232,13 +236,16 @@ def write_outputs(
         os.makedirs(temps[OVERLAY_DIR])
         npz = _NpzWriter(temps["maps.npz"])
         anomalous = 0
+        unscaled: list[tuple[str, str]] = []  # (path, key) of images decided without threshold
+        any_decision = False
         with open(temps["scores.csv"], "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(CSV_COLUMNS)
             keys = dict(files)
             overlay_of = overlay_names([key for _, key in files])
             bar = tqdm.tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
-            for path, image, p, reason in predictor.iter_files([p for p, _ in files], category):
+            paths = [p for p, _ in files]
+            for path, image, p, reason in scorer.iter_files(paths, category, threshold):
                 bar.update(1)
                 if p is None:
                     failed.append((path, reason))
@@ -247,23 +254,22 @@ def write_outputs(
                 key = keys[path]
                 scored.append((path, key))
                 anomalous += bool(p.is_anomalous)
+                any_decision = any_decision or p.is_anomalous is not None
                 writer.writerow(_csv_row(key, p, overlay_of[key]))
                 npz.add(key, p.anomaly_map)
-                if fixed_range:
+                if p.threshold is not None and p.threshold > 0:
                     overlay = os.path.join(temps[OVERLAY_DIR], overlay_of[key])
+                    vmin, vmax = colour_range(p.threshold, [p.anomaly_map])
                     _write_overlay(overlay, image, p.anomaly_map, vmin, vmax)
                 else:
-                    vmin = min(vmin, float(p.anomaly_map.min()))
-                    vmax = max(vmax, float(p.anomaly_map.max()))
+                    unscaled.append((path, key))
             bar.close()
         npz.close()
         npz = None
-        if not fixed_range and scored:
-            _overlays_from_maps(scored, temps, vmin, vmax, progress)
-        if not scored:
-            vmin = vmax = math.nan
+        shared = _overlays_from_maps(unscaled, temps, overlay_of, progress) if unscaled else None
+        decided = anomalous if scored and any_decision else None
         readme = _readme(
-            predictor, scored, [*missing, *failed], anomalous, threshold_source, vmin, vmax
+            scorer, scored, [*missing, *failed], decided, threshold_line, shared, len(unscaled)
         )
         with open(temps["README.txt"], "w", encoding="utf-8") as f:
             f.write(readme)
@@ -293,10 +299,12 @@ def _publish(temps: dict[str, str], final: dict[str, str], old_overlays: str) ->
     os.replace(temps["scores.csv"], final["scores.csv"])  # last: the run is complete
 
 
-def _overlays_from_maps(scored, temps, vmin, vmax, progress) -> None:
-    """Second pass when the colour range comes from all maps: re-read image and map."""
-    overlay_of = overlay_names([key for _, key in scored])
+def _overlays_from_maps(scored, temps, overlay_of, progress) -> tuple[float, float]:
+    """Overlays of the images decided without a (positive) threshold: their colour range spans
+    all their maps (the scorer's rule), so image and map are read again once it is known.
+    Returns that range."""
     with np.load(temps["maps.npz"]) as maps:
+        vmin, vmax = colour_range(None, (maps[key] for _, key in scored))
         bar = tqdm.tqdm(total=len(scored), unit="img", desc="overlays", disable=not progress)
         for path, key in scored:
             bar.update(1)
@@ -308,30 +316,36 @@ def _overlays_from_maps(scored, temps, vmin, vmax, progress) -> None:
             overlay = os.path.join(temps[OVERLAY_DIR], overlay_of[key])
             _write_overlay(overlay, image, maps[key], vmin, vmax)
         bar.close()
+    return vmin, vmax
 
 
-def _readme(predictor, scored, failed, anomalous, threshold_source, vmin, vmax) -> str:
-    h, w = predictor.image_size
-    threshold = predictor.threshold
-    if threshold is not None and threshold > 0:
-        colour = (
-            f"fixed for the whole run from the decision threshold: vmin = 0, vmax = 2 x "
-            f"threshold = {vmax:.6g} (the threshold sits in the middle of the scale)"
+def _readme(scorer, scored, failed, anomalous, threshold, shared, n_shared) -> str:
+    """README.txt; `threshold`: (value, where it comes from), see `resolve_threshold`."""
+    h, w = scorer.image_size
+    value, source = threshold
+    colour = (
+        "an image decided with a positive threshold: vmin = 0, vmax = 2 x its threshold (the "
+        "threshold sits in the middle of the scale, so colours mean the same across images)"
+    )
+    if shared is not None:
+        colour += (
+            f"; the {n_shared} image(s) decided without one: the minimum and maximum over their "
+            f"raw maps, vmin = {shared[0]:.6g}, vmax = {shared[1]:.6g} (comparable among them "
+            "only)"
         )
+    if scorer.meta.get("source") == "run folder":
+        model = f"run folder {getattr(scorer, 'workdir', None)}"
     else:
-        why = "no threshold is known" if threshold is None else "the threshold is not positive"
-        colour = (
-            f"the minimum and maximum over all raw maps of this run ({why}): vmin = {vmin:.6g}, "
-            f"vmax = {vmax:.6g}; colours are comparable within this run only"
-        )
+        model = f"exported model folder {getattr(scorer, 'model_dir', None)}"
+    step = scorer.meta.get("checkpoint_step")
     lines = [
         "grad_jax predictions",
         "",
-        f"Model: run folder {predictor.workdir}, checkpoint step {predictor.step}, input size "
-        f"{h}x{w}.",
+        f"Model: {model}, checkpoint step {step}, input size {h}x{w}"
+        + (" (one tile)." if scorer.tiled else "."),
         f"Images: {len(scored)} scored, {len(failed)} unreadable"
-        + (f", {anomalous} flagged anomalous." if threshold is not None else "."),
-        f"Decision threshold: {_fmt(threshold) or 'none'} ({threshold_source}).",
+        + (f", {anomalous} flagged anomalous." if anomalous is not None else "."),
+        f"Decision threshold: {_fmt(value) or 'none'} ({source}).",
         "",
         "Files:",
         "  scores.csv   " + ",".join(CSV_COLUMNS) + "; one row per scored image.",
@@ -349,7 +363,7 @@ def _readme(predictor, scored, failed, anomalous, threshold_source, vmin, vmax) 
                 "               averaged) and resized to the image (per-pixel distance, before",
                 "               the smoothing the score is computed from).",
             ]
-            if predictor.tiled
+            if scorer.tiled
             else [
                 f"  maps.npz     one float32 array of {h}x{w} per image, keyed like 'file':",
                 "               the raw anomaly map at the model input size (per-pixel distance,",
@@ -377,6 +391,9 @@ def define_flags(values: flags.FlagValues) -> None:
     """The flags of `python -m grad_jax.predict` (the PATHs follow them)."""
     flags.DEFINE_string("workdir", None, "Run folder of a trained model.", flag_values=values)
     flags.DEFINE_string(
+        "model", None, "Exported model folder (instead of --workdir).", flag_values=values
+    )
+    flags.DEFINE_string(
         "out", None, "Folder for scores.csv, maps.npz, overlays/.", flag_values=values
     )
     flags.DEFINE_integer("batch_size", 16, "Images per device batch.", flag_values=values)
@@ -396,7 +413,7 @@ def define_flags(values: flags.FlagValues) -> None:
 
 
 USAGE = (
-    "usage: python -m grad_jax.predict --workdir=DIR --out=OUT PATH [PATH ...]\n\n"
+    "usage: python -m grad_jax.predict (--workdir=DIR | --model=DIR) --out=OUT PATH [PATH ...]\n\n"
     + "PATHs are"
     + (__doc__ or "").split("PATHs are", 1)[-1].rstrip()
 )
@@ -404,8 +421,10 @@ USAGE = (
 
 def _check_flags(values: flags.FlagValues, paths: Sequence[str]) -> None:
     """Usage errors before any file is read or written."""
-    if not values.workdir:
-        raise UsageError("--workdir is required (the run folder of a trained model)")
+    if not values.workdir and not values.model:
+        raise UsageError(
+            "--workdir (a run folder) or --model (an exported model folder) is required"
+        )
     if not values.out:
         raise UsageError("--out is required (the folder for the results)")
     if not paths:
@@ -427,26 +446,23 @@ def predict_paths(values: flags.FlagValues, paths: list[str]) -> int:
     _check_flags(values, paths)
     files, failed = collect_inputs(paths, exclude=values.out)
     batch = max(1, min(values.batch_size, len(files)))
-    predictor = Predictor.from_workdir(values.workdir, values.step, batch_size=batch)
-    threshold, source = resolve_threshold(predictor, values.threshold, values.category)
-    if values.threshold is not None:
-        predictor.threshold = threshold
-    elif values.category is None and len(predictor.categories) > 1:
-        source = "per image: the run's threshold for its class (given or recognised)"
+    scorer = load_scorer(values.model, values.workdir, batch_size=batch, step=values.step)
+    line = resolve_threshold(scorer, values.threshold, values.category)
     for path, reason in failed:
         _report_unreadable(path, reason)
     n, unreadable = write_outputs(
-        predictor,
+        scorer,
         files,
         values.out,
-        source,
+        line,
         _report_unreadable,
         values.progress,
         failed,
         values.category,
+        values.threshold,
     )
     failed += unreadable
-    flagged = "" if threshold is None else f" (threshold {threshold:.6g})"
+    flagged = "" if line[0] is None else f" (threshold {line[0]:.6g})"
     print(
         f"grad_jax: scored {n} image(s){flagged}, {len(failed)} unreadable; results in {values.out}"
     )

@@ -20,7 +20,8 @@ from absl import flags
 
 from grad_jax import cli
 from grad_jax.errors import UsageError
-from grad_jax.serving import served_model, service, uploads
+from grad_jax.inference.loader import load_scorer
+from grad_jax.serving import uploads
 
 
 def define_flags(v: flags.FlagValues) -> None:
@@ -75,19 +76,21 @@ def serve_command(values: flags.FlagValues, args: list[str]) -> int:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401 - for the uploads
         import uvicorn
+
+        from grad_jax.serving import service
     except ImportError as err:
         raise UsageError(
             f"the service needs FastAPI, uvicorn and python-multipart ({err}): "
             'pip install -e ".[serve]"'
         ) from err
+    model = load_scorer(
+        values.model, values.workdir, batch_size=values.batch_size, step=values.step
+    )
     try:
-        model = served_model.load_model(
-            values.model, values.workdir, batch_size=values.batch_size, step=values.step
-        )
         app = service.create_app(
             model, limits, max_wait_ms=values.max_wait_ms, max_queue=values.max_queue
         )
-    except (served_model.ModelUnavailable, FileNotFoundError, ValueError) as err:
+    except ValueError as err:
         raise UsageError(str(err)) from err
     uvicorn.run(app, host=values.host, port=values.port, log_level="info")
     return cli.EXIT_OK

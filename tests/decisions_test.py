@@ -79,16 +79,14 @@ def test_old_runs_without_normal_scores_have_no_calibrated_value():
     assert p.calibrated is None and p.threshold == 0.39
 
 
-def test_fixed_threshold_and_no_threshold():
+def test_a_threshold_given_per_call_decides_every_class():
     d = decisions.Decisions(_meta())
-    d.fix_threshold(0.2)
-    (p,) = d.results(np.array([0.25]), np.zeros((1, 2, 2)), "b")
+    (p,) = d.results(np.array([0.25]), np.zeros((1, 2, 2)), "b", threshold=0.2)
     assert (p.threshold, p.is_anomalous, p.threshold_source) == (0.2, True, "given by the caller")
-    d.fix_threshold(None)
-    (p,) = d.results(np.array([0.25]), np.zeros((1, 2, 2)), "b")
-    assert p.threshold is None and p.is_anomalous is None
-    d.use_stored_thresholds()
-    assert d.results(np.array([0.25]), np.zeros((1, 2, 2)), "b")[0].threshold == 1.99
+    (p,) = d.results(np.array([0.25]), np.zeros((1, 2, 2)), "b")  # the next call: stored again
+    assert p.threshold == 1.99 and p.is_anomalous is False
+    with pytest.raises(ValueError, match="finite"):
+        d.results(np.array([0.25]), np.zeros((1, 2, 2)), "b", threshold=float("nan"))
     assert (
         decisions.Decisions({}).results(np.array([1.0]), np.zeros((1, 2, 2)))[0].threshold is None
     )

@@ -160,7 +160,7 @@ def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_d
         [c.train for c in categories], train_items, config.data.image_size, list(CLASSES)
     )
     x = np.stack([source[i]["image"] for i in range(len(source))])
-    pooled = predictor._predict_fn(x)["pooled"]
+    pooled = predictor.program(x)["pooled"]
     labels = np.array([item.category for item in train_items])
     centres = predictor.meta["class_centres"]
     assert centres["num_images"] == [7, 7]
@@ -236,13 +236,25 @@ def test_unreadable_serialisation_is_explained(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "version, advice", [(2, "upgrade grad_jax"), (0, "export the model again")]
+    "version, advice", [(3, "upgrade grad_jax"), (0, "export the model again")]
 )
 def test_other_format_versions_are_refused(model_dir, tmp_path, version, advice):
     folder = _copy(model_dir, tmp_path)
     _edit_meta(folder, format_version=version)
     with pytest.raises(exported_model.ModelFileError, match=f"format version {version}.*{advice}"):
         exported_model.load_model(folder)
+
+
+def test_version_1_folders_take_their_scoring_from_the_config(model_dir, tmp_path):
+    """Folders exported before meta.json held "scoring" still load, with the same geometry."""
+    folder = _copy(model_dir, tmp_path)
+    meta = json.loads((folder / exported_model.META_FILE).read_text())
+    spec = meta.pop("scoring")
+    meta["format_version"] = 1
+    (folder / exported_model.META_FILE).write_text(json.dumps(meta))
+    old = exported_model.load_model(folder)
+    assert old.spec.to_meta() == spec
+    assert (old.spec.smooth_size, old.spec.score_pool) == (5, 8)  # configs/tiny.py's eval
 
 
 def test_outside_the_jax_compatibility_window(model_dir, monkeypatch):

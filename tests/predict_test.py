@@ -13,6 +13,7 @@ from PIL import Image
 
 from grad_jax import predict
 from grad_jax.inference import device_program, heatmap
+from grad_jax.inference.scorer import Scorer
 from grad_jax.runs import run_folder
 from tests.conftest import ROOT, tiny_category
 
@@ -369,7 +370,9 @@ def test_threshold_override_and_category(run_dir, good_dir, trained, good_run, t
     assert decisions.count("anomalous") == len(rows) - below >= 2
     for _, score, decision, *_ in rows:
         assert (decision == "anomalous") == (float(score) >= middle)
-    assert f"vmax = 2 x threshold = {2 * middle:.6g}" in (out / "README.txt").read_text()
+    readme = (out / "README.txt").read_text()
+    assert f"Decision threshold: {middle!r} (given with --threshold)" in readme
+    assert "vmax = 2 x its threshold" in readme
 
     out = tmp_path / "category"
     per_category = trained.meta["threshold"]["per_category"]["hex_nut"]
@@ -381,12 +384,12 @@ def test_threshold_override_and_category(run_dir, good_dir, trained, good_run, t
 
 
 def test_without_threshold_overlays_use_the_run_range(predictor, good_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(predictor, "threshold", None)
+    bare = Scorer(predictor.program, predictor.spec, {}, predictor.batch_size)  # no thresholds
     out = tmp_path / "out"
     files, failed = predict.collect_inputs([str(good_dir / "rgb.png"), str(good_dir / "big.png")])
     assert failed == []
     n, unreadable = predict.write_outputs(
-        predictor, files, str(out), "none", lambda *a: None, progress=False
+        bare, files, str(out), (None, "none"), lambda *a: None, progress=False
     )
     assert (n, unreadable) == (2, [])
     _, rows = _read_csv(out)
@@ -439,21 +442,25 @@ def test_output_folder_inside_an_input_folder_is_not_scanned(good_dir, tmp_path)
 def test_interrupted_run_keeps_previous_outputs(predictor, good_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     files, _ = predict.collect_inputs([str(good_dir)])
-    predict.write_outputs(predictor, files[:2], str(out), "x", lambda *a: None, progress=False)
+    predict.write_outputs(predictor, files[:2], str(out), (0, "x"), lambda *a: None, progress=False)
     before = {n: (out / n).read_bytes() for n in ("scores.csv", "maps.npz", "README.txt")}
     overlays_before = sorted(os.listdir(out / "overlays"))
     calls = []
-    real = predictor._predict_fn
+    real = predictor.program
 
-    def interrupted(x):
-        calls.append(x.shape)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(x)
+    class Interrupted:
+        def rows(self, n):
+            return real.rows(n)
 
-    monkeypatch.setattr(predictor, "_predict_fn", interrupted)
+        def __call__(self, x):
+            calls.append(x.shape)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(x)
+
+    monkeypatch.setattr(predictor, "program", Interrupted())
     with pytest.raises(KeyboardInterrupt):
-        predict.write_outputs(predictor, files, str(out), "x", lambda *a: None, progress=False)
+        predict.write_outputs(predictor, files, str(out), (0, "x"), lambda *a: None, progress=False)
     assert len(calls) == 2
     assert {n: (out / n).read_bytes() for n in before} == before
     assert sorted(os.listdir(out / "overlays")) == overlays_before
@@ -525,13 +532,17 @@ def test_one_program_for_all_batches(predictor, demo, monkeypatch):
     images = [_demo_image(demo, "train/good", i) for i in range(5)] + [np.zeros((9, 7), np.uint8)]
     alone = [predictor.predict([im])[0].score for im in images[:2]]
     shapes = []
-    real = predictor._predict_fn
+    real = predictor.program
 
-    def spy(x):
-        shapes.append((x.shape, x.dtype))
-        return real(x)
+    class Spy:
+        def rows(self, n):
+            return real.rows(n)
 
-    monkeypatch.setattr(predictor, "_predict_fn", spy)
+        def __call__(self, x):
+            shapes.append((x.shape, x.dtype))
+            return real(x)
+
+    monkeypatch.setattr(predictor, "program", Spy())
     preds = predictor.predict(images)
     assert len(preds) == 6
     assert shapes == [((4, *SIZE, 3), np.uint8)] * 2  # 6 images -> 4 + 4 (2 padded)

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from grad_jax import predict
-from grad_jax.serving import served_model, service
+from grad_jax.serving import service
 from tfds_mvtec.mvtec_ad import layout
 
 CHROMIUM = "/usr/bin/chromium"
@@ -55,7 +55,7 @@ def server(predictor):
     """`(base URL, app)`: the service on a free loopback port, in a thread of this process."""
     import uvicorn
 
-    app = service.create_app(served_model.PredictorModel(predictor))
+    app = service.create_app(predictor)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     )

@@ -20,8 +20,9 @@ from PIL import Image
 
 from grad_jax import predict
 from grad_jax.inference import heatmap
-from grad_jax.inference.decisions import Prediction
-from grad_jax.serving import batching, served_model, service, uploads
+from grad_jax.inference.loader import load_scorer
+from grad_jax.inference.scorer import Scorer, ScoringSpec
+from grad_jax.serving import batching, service, uploads
 from tfds_mvtec.mvtec_ad import layout
 
 SIZE = (64, 64)  # configs/tiny.py
@@ -42,7 +43,7 @@ def predictor(tiny_run):
 def client(predictor):
     from fastapi.testclient import TestClient
 
-    app = service.create_app(served_model.PredictorModel(predictor), LIMITS, max_wait_ms=5)
+    app = service.create_app(predictor, LIMITS, max_wait_ms=5)
     with TestClient(app) as c:
         yield c
 
@@ -171,7 +172,7 @@ def test_threshold_and_category_fields(client, predictor, good_files):
     for threshold, decision in ((score, "anomalous"), (score * 1.001, "normal")):
         x = post(client, data, threshold=threshold).json()["results"][0]
         assert (x["threshold"], x["decision"]) == (threshold, decision)
-        assert x["threshold_source"] == "given in the request"
+        assert x["threshold_source"] == "given by the caller"
     x = post(client, data, category="hex_nut").json()["results"][0]
     assert x["threshold"] == pytest.approx(predictor.category_thresholds["hex_nut"])
     r = post(client, data, category="bottle")
@@ -288,26 +289,20 @@ def test_page_is_self_contained(client):
 # --------------------------------------------------------------------------------------------
 
 
-class GatedModel:
-    """A served model whose calls wait for `gate`; records the size of every call."""
+class GatedModel(Scorer):
+    """The predictor's scorer whose device calls wait for `gate`; records every call's size."""
 
     def __init__(self, inner):
-        self.inner = inner
-        self.image_size, self.categories, self.batch_size = (
-            inner.image_size,
-            inner.categories,
-            inner.batch_size,
-        )
-        self.meta = inner.meta
+        super().__init__(inner.program, inner.spec, inner.meta, inner.batch_size)
         self.gate = threading.Event()
         self.calls: list[int] = []
         self.entered = threading.Semaphore(0)
 
-    def predict(self, images, categories=None):
-        self.calls.append(len(images))
+    def score_prepared(self, batch):
+        self.calls.append(len(batch))
         self.entered.release()
         assert self.gate.wait(60)
-        return self.inner.predict(images, categories)
+        return super().score_prepared(batch)
 
 
 def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
@@ -321,7 +316,7 @@ def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
 def test_concurrent_requests_share_device_calls(predictor, good_files):
     from fastapi.testclient import TestClient
 
-    model = GatedModel(served_model.PredictorModel(predictor))
+    model = GatedModel(predictor)
     app = service.create_app(model, LIMITS, max_wait_ms=5, warm_up=False)
     names = ["good.png", "defect.png", "gray.png", "photo.jpg", "rgba.png", "big.bmp", "small.tif"]
     with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -342,9 +337,9 @@ def test_concurrent_requests_share_device_calls(predictor, good_files):
 def test_full_queue_answers_503_with_retry_after(predictor, good_files):
     from fastapi.testclient import TestClient
 
-    model = GatedModel(served_model.PredictorModel(predictor))
+    model = GatedModel(predictor)
     app = service.create_app(model, LIMITS, max_wait_ms=5, max_queue=4, warm_up=False)
-    blank = (np.zeros((*SIZE, 3), np.uint8), None)
+    blank = np.zeros((*SIZE, 3), np.uint8)
     with TestClient(app) as c:
         batcher = app.state.batcher
         busy = batcher.submit([blank])
@@ -361,54 +356,56 @@ def test_full_queue_answers_503_with_retry_after(predictor, good_files):
     assert model.calls == [1, 3, 1]
 
 
-class ExportedLike:
-    """A model with the exported model's interface: per-class decisions, calibrated values and
-    class recognition (here: a fixed rule), to check that the service passes them through."""
+class MeanProgram:
+    """A device program whose score is the image's mean brightness (0..1) and whose pooled
+    feature is the same number, for a scorer with per-class thresholds and class centres."""
 
-    image_size, categories, batch_size = SIZE, ["bolt", "nut"], 4
-    meta = {"source": "exported", "categories": ["bolt", "nut"]}
+    def rows(self, n):
+        return n
+
+    def __call__(self, images):
+        mean = images.reshape(len(images), -1).mean(axis=1) / 255.0
+        maps = np.broadcast_to(mean[:, None, None], (len(images), *SIZE)).astype(np.float32)
+        return {"raw": maps, "smoothed": maps, "score": mean, "pooled": mean[:, None]}
+
+
+class RecordingScorer(Scorer):
+    """Records the classes each decision was asked for."""
 
     def __init__(self):
+        meta = {
+            "categories": ["bolt", "nut"],
+            "threshold": {
+                "image_score": 0.5,
+                "quantile": 0.99,
+                "per_category": {"bolt": 0.9, "nut": 0.1},
+                "normal_scores": {"bolt": [0.0] * 4, "nut": [0.0, 0.0, 0.0, 1.0]},
+            },
+            "class_centres": {"names": ["bolt", "nut"], "centres": [[1000.0], [0.0]]},
+        }
+        super().__init__(MeanProgram(), ScoringSpec(SIZE, 5, 8), meta, batch_size=4)
         self.seen: list = []
 
-    def predict(self, images, categories=None):
-        self.seen.append(None if categories is None else list(categories))
-        out = []
-        for i, image in enumerate(images):
-            category = (categories or [None] * len(images))[i] or "nut"  # "recognised"
-            score = float(image.mean()) / 255.0
-            threshold = {"bolt": 0.9, "nut": 0.1}[category]
-            out.append(
-                Prediction(
-                    score=score,
-                    anomaly_map=np.full(SIZE, score, np.float32),
-                    is_anomalous=score >= threshold,
-                    category=category,
-                    calibrated=0.75,
-                    threshold=threshold,
-                    threshold_source=f"class {category}",
-                )
-            )
-        return out
+    def decide(self, scored, categories=None, threshold=None):
+        self.seen.append(categories)
+        return super().decide(scored, categories, threshold)
 
 
-def test_an_exported_model_s_fields_pass_through(good_files):
+def test_per_class_decisions_and_recognition_pass_through(good_files):
     from fastapi.testclient import TestClient
 
-    model = ExportedLike()
+    model = RecordingScorer()
     with TestClient(service.create_app(model, LIMITS, warm_up=False)) as c:
         auto = post(c, [("good.png", good_files["good.png"])]).json()["results"][0]
         chosen = post(c, [("good.png", good_files["good.png"])], category="bolt").json()
-        assert c.get("/v1/model").json()["meta"] == ExportedLike.meta
-    assert (auto["category"], auto["threshold"], auto["threshold_source"]) == (
-        "nut",
-        0.1,
-        "class nut",
-    )
+        assert c.get("/v1/model").json()["meta"]["categories"] == ["bolt", "nut"]
+    assert (auto["category"], auto["threshold"]) == ("nut", 0.1)
+    assert auto["threshold_source"].startswith("class 'nut'")
+    assert "recognised" in auto["threshold_source"]
     assert auto["calibrated"] == 0.75 and auto["decision"] == "anomalous"
     x = chosen["results"][0]
     assert (x["category"], x["threshold"], x["decision"]) == ("bolt", 0.9, "normal")
-    assert model.seen == [None, ["bolt"]]  # no class given: None, for the model to recognise
+    assert model.seen == [None, "bolt"]  # no class given: None, for the scorer to recognise
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,7 +490,7 @@ def test_an_exported_model_serves_the_predictor_s_results(tiny_run, predictor, t
     from grad_jax import export
 
     export.export_workdir(str(tiny_run[0]), str(tmp_path / "model"), platforms=("cpu",))
-    model = served_model.load_model(model_dir=str(tmp_path / "model"), batch_size=4)
+    model = load_scorer(model_dir=str(tmp_path / "model"), batch_size=4)
     images = [demo_rgb(tiny_run), defect_rgb(tiny_run)]
     expected = predictor.predict(images)
     files = [("good.png", png(images[0])), ("defect.png", png(images[1]))]

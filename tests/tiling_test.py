@@ -207,6 +207,6 @@ def test_tiled_run_evaluates_stitched_maps_and_predicts_at_the_original_size(hig
     assert size == (SIDE // 4, SIDE // 4)
     source = input_pipeline.IndexedSource(tests, items, size, ["highres"])
     k = next(i for i in range(len(source)) if source[i]["filename"].endswith("flat/001.png"))
-    tiled_fn = device_program.make_tiled_predict_fn(predictor._predict_fn, predictor.config)
+    tiled_fn = device_program.whole_image_fn(predictor.program, predictor.config)
     want = tiled_fn(source[k]["image"][None])
     assert got.score == pytest.approx(float(want["score"][0]), rel=1e-5)

@@ -100,15 +100,6 @@ class Decisions:
         )
         names = meta.get("categories") or self.centre_names or sorted(self.per_category)
         self.categories: list[str] = [str(n) for n in names]
-        self.fixed = False  # True: every image is decided with `fixed_threshold` (maybe None)
-        self.fixed_threshold: float | None = None
-
-    def fix_threshold(self, value: float | None) -> None:
-        """Decide every image with `value` (None: make no decision), whatever its class."""
-        self.fixed, self.fixed_threshold = True, None if value is None else float(value)
-
-    def use_stored_thresholds(self) -> None:
-        self.fixed, self.fixed_threshold = False, None
 
     @property
     def can_recognise(self) -> bool:
@@ -145,12 +136,16 @@ class Decisions:
                 out.append((None, ""))
         return out
 
-    def threshold_for(self, category: str | None) -> tuple[float | None, str]:
-        """(threshold, where it came from) for an image of `category` (None: unknown)."""
-        if self.fixed:
-            if self.fixed_threshold is None:
-                return None, "none: no threshold (the caller removed it)"
-            return self.fixed_threshold, "given by the caller"
+    def threshold_for(
+        self, category: str | None, given: float | None = None
+    ) -> tuple[float | None, str]:
+        """(threshold, where it came from) for an image of `category` (None: unknown): `given`
+        by the caller when it is not None, else the class's stored one, else the run's."""
+        if given is not None:
+            given = float(given)
+            if not math.isfinite(given):
+                raise ValueError(f"the threshold must be a finite number, got {given}")
+            return given, "given by the caller"
         q = f"{self.quantile:.4g} quantile" if self.quantile is not None else "quantile"
         if category is not None and category in self.per_category:
             n = len(self.normal_scores.get(category, ()))
@@ -177,27 +172,29 @@ class Decisions:
     def results(
         self,
         scores: np.ndarray,
-        raw_maps: np.ndarray,
+        raw_maps: Sequence[np.ndarray],
         categories: Sequence[str | None] | str | None = None,
         pooled: np.ndarray | None = None,
+        threshold: float | None = None,
     ) -> list[Prediction]:
-        """Predictions for `scores` `[n]`, `raw_maps` `[n, H, W]` and `pooled` `[n, D]`."""
+        """Predictions for `scores` `[n]`, `raw_maps` (n maps) and `pooled` `[n, D]`, decided
+        with `threshold` when it is given, else each image's class's stored threshold."""
         n = len(scores)
         out = []
         for i, (category, how) in enumerate(self.categories_for(n, categories, pooled)):
             score = float(scores[i])
-            threshold, source = self.threshold_for(category)
-            decision = None if threshold is None else bool(score >= threshold)
+            used, source = self.threshold_for(category, threshold)
+            decision = None if used is None else bool(score >= used)
             if how == "recognised":
                 source += "; class recognised from the image's backbone features"
             out.append(
                 Prediction(
                     score,
-                    np.array(raw_maps[i], np.float32),
+                    np.asarray(raw_maps[i], np.float32),
                     decision,
                     category,
                     self.calibrated_for(score, category),
-                    threshold,
+                    used,
                     source,
                     how,
                 )

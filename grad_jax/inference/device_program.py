@@ -2,9 +2,9 @@
 
 Prediction runs backbone, neck, head, anomaly map, the 21x21 smoothing and the image score in one
 XLA program (`predict_program`, also what `grad_jax.export` serialises); `make_predict_fn` runs
-it sharded over the devices from host numpy batches, and `make_tiled_predict_fn` scores images
-of any size by their tiles. Evaluation, threshold calibration, the `Predictor` API and the
-service all stand on these.
+it sharded over the devices from host numpy batches, and `whole_image_fn` scores images of any
+size by their tiles (through the scorer's tiled path). Evaluation, threshold calibration and the
+scorer (`Predictor`, the service) all stand on these.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from grad_jax.config import tiling_on
-from grad_jax.data import tiling
 from grad_jax.devices import sharding
 from grad_jax.devices.precision import with_precision
+from grad_jax.inference.scorer import ScoringSpec, score_tiles
 from grad_jax.models import scoring
 from grad_jax.models.model import ModelVariables, pool_features
 
@@ -102,59 +102,37 @@ def _on_host(jitted: Callable, placed: tuple, mesh) -> Callable[[np.ndarray], di
     return run
 
 
-def make_tiled_predict_fn(
-    predict_tiles: Callable[[np.ndarray], dict[str, np.ndarray]],
-    config: ml_collections.ConfigDict,
-) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """Whole images by their tiles: images `[B, H, W, 3]` uint8 (any H, W of at least one tile,
-    already at the tiling scale) -> {'raw', 'smoothed': `[B, H, W]`, 'score': `[B]`, 'pooled':
-    `[B, D]` (the mean over the image's tiles)}.
+class PaddedProgram:
+    """A host predict function (`make_predict_fn`) as a `scorer.Program`: every call is padded
+    to the same `rows` (a multiple of the device count), so it compiles once and splits evenly
+    over the devices."""
 
-    Every tile is scored by `predict_tiles` (a `make_predict_fn` at the tile size, fed batches
-    of `eval.batch_size` tiles rounded up to a multiple of the device count, so it compiles
-    once); the tiles' raw maps are stitched (overlaps averaged), then the stitched map is
-    smoothed and scored as a whole.
-    """
-    size, overlap = config.data.tile.size, config.data.tile.overlap
-    devices = jax.device_count()  # tiles go in batches that split evenly: padded once
-    batch = -(-config.eval.batch_size // devices) * devices
-    smooth_size, pool = config.eval.smooth_size, config.eval.score_pool
+    def __init__(self, predict: Callable[[np.ndarray], dict[str, np.ndarray]], rows: int):
+        devices = jax.device_count()
+        self._rows = -(-int(rows) // devices) * devices
+        self._predict = predict
 
-    @jax.jit
-    def finish(raw):
-        smoothed = scoring.smooth(raw, smooth_size)
-        return smoothed, scoring.image_scores(smoothed, pool)
+    def rows(self, n: int) -> int:
+        return self._rows
 
-    def run(images: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.asarray(images)
-        hw = images.shape[1:3]
-        boxes = tiling.tile_boxes(hw, size, overlap)
-        tiles = np.concatenate([tiling.cut(image, boxes, size) for image in images])
-        maps, pooled = [], []
-        for start in range(0, len(tiles), batch):
-            chunk = tiles[start : start + batch]
-            padded = np.zeros((batch, *chunk.shape[1:]), chunk.dtype)
-            padded[: len(chunk)] = chunk
-            out = predict_tiles(padded)
-            maps.append(out["raw"][: len(chunk)])
-            pooled.append(out["pooled"][: len(chunk)])
-        maps = np.concatenate(maps).reshape(len(images), len(boxes), size, size)
-        raw = np.stack([tiling.stitch(m, boxes, hw) for m in maps])
-        smoothed, score = finish(raw)
-        # An image's pooled features: the mean over its tiles (class recognition).
-        pooled = np.concatenate(pooled).reshape(len(images), len(boxes), -1).mean(axis=1)
-        return {
-            "raw": raw,
-            "smoothed": np.asarray(smoothed),
-            "score": np.asarray(score),
-            "pooled": pooled,
-        }
-
-    return run
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return self._predict(images)
 
 
 def whole_image_fn(predict: Callable, config: ml_collections.ConfigDict) -> Callable:
-    """What scores whole images: `predict` itself, or its tiled form when `data.tile.size > 0`."""
-    if tiling_on(config):
-        return make_tiled_predict_fn(predict, config)
-    return predict
+    """What scores whole images `[B, H, W, 3]` uint8 (host) -> {'raw', 'smoothed' `[B, H, W]`,
+    'score' `[B]`, 'pooled' `[B, D]`}: `predict` itself, or with `data.tile.size > 0` the
+    scorer's tiled path (`scorer.score_tiles`: every tile scored in batches of
+    `eval.batch_size`, the raw maps stitched, then smoothed and scored as a whole), for images
+    already at their tiling scale."""
+    if not tiling_on(config):
+        return predict
+    spec = ScoringSpec.from_config(config)
+    program = PaddedProgram(predict, config.eval.batch_size)
+    batch = program.rows(1)
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        outs = score_tiles(program, list(np.asarray(images)), spec, batch)
+        return {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+
+    return run

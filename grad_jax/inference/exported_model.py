@@ -13,9 +13,14 @@ The model folder holds:
   symbolic batch dimension, lowered for cpu, cuda and tpu. Input: uint8 `[N, H, W, 3]` at the
   model input size (the normalisation is inside). Outputs: a dict of 'raw' and 'smoothed'
   `[N, H, W]` float32 maps, 'score' `[N]` and 'pooled' `[N, D]`;
-- `meta.json`: the input size and resize rule, the class names, the thresholds and the held-out
-  normal scores behind them, the class centres, the config and its fingerprint, the jax version
-  it was made with and the sha256 of `model.jaxexport`.
+- `meta.json`: the input size and resize rule, the tiling and scoring geometry (`scoring`), the
+  class names, the thresholds and the held-out normal scores behind them, the class centres, the
+  config and its fingerprint, the jax version it was made with and the sha256 of
+  `model.jaxexport`.
+
+Everything around the program (preparing, batching, tiling and stitching, deciding) is the one
+scorer (`grad_jax.inference.scorer.Scorer`), exactly as for `Predictor`: a model exported from a
+tiled run scores its tiles and the scorer stitches them.
 
 This module imports no flax, optax, orbax, tensorflow-datasets, grain or ml_collections (a test
 checks it in a fresh interpreter), so a deployment needs `pip install jax pillow numpy` and the
@@ -33,14 +38,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from grad_jax.data import images as image_lib
 from grad_jax.errors import ModelFileError
-from grad_jax.inference.decisions import Decisions, Prediction
+from grad_jax.inference.scorer import Scorer, ScoringSpec
 
 MODEL_FILE = "model.jaxexport"
 META_FILE = "meta.json"
 FORMAT = "grad_jax.exported_model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this loader reads (1: before `scoring` was stored; it is derived from the config).
+READABLE_VERSIONS = (1, 2)
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
@@ -71,7 +77,7 @@ def _read_meta(model_dir: str) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{path} does not describe a grad_jax exported model")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = isinstance(version, int) and version > FORMAT_VERSION
         raise ModelFileError(
             f"{path}: exported model format version {version}, this grad_jax reads version "
@@ -118,6 +124,23 @@ def _deserialize(path: str, meta: dict[str, Any]) -> Any:
     return exported
 
 
+def export_platform() -> str:
+    """This machine's platform as `jax.export` names it ('cpu', 'cuda', 'rocm' or 'tpu'; not
+    `jax.default_backend()`'s 'gpu')."""
+    from jax import export
+
+    return export.default_export_platform()
+
+
+def check_platform(lowered_for: Sequence[str], platform: str, path: str) -> None:
+    """ModelFileError unless the program was lowered for `platform` (a `jax.export` name)."""
+    if platform not in lowered_for:
+        raise ModelFileError(
+            f"{path} was lowered for {', '.join(lowered_for)}, and this machine runs {platform} "
+            f"(as jax.export names it): export it again with --platforms including {platform}"
+        )
+
+
 def _buckets(batch_size: int) -> list[int]:
     sizes, n = [], 1
     while n < batch_size:
@@ -126,102 +149,78 @@ def _buckets(batch_size: int) -> list[int]:
     return [*sizes, batch_size]
 
 
-class ExportedModel:
-    """A model loaded from an exported folder; the same `predict` as `Predictor`.
+def _scoring_spec(meta: dict[str, Any]) -> ScoringSpec:
+    """The scoring geometry of `meta`; version 1 files stored it only inside their config."""
+    if "scoring" in meta:
+        return ScoringSpec.from_meta(meta)
+    config = meta.get("config") or {}
+    tile = (config.get("data") or {}).get("tile") or {}
+    evaluation = config.get("eval") or {}
+    return ScoringSpec(
+        tuple(int(x) for x in meta["input"]["image_size"]),
+        int(evaluation.get("smooth_size", 21)),
+        int(evaluation.get("score_pool", 32)),
+        int(tile.get("size", 0)),
+        int(tile.get("overlap", 0)),
+        float(tile.get("scale", 1.0)),
+    )
 
-    Batches of n images run at the smallest size in 1, 2, 4, ..., `batch_size` that holds
-    them (zero-padded), so at most log2(batch_size) + 1 programs are ever compiled.
-    """
+
+class ExportedProgram:
+    """The deserialised program as a `scorer.Program`: a call of n images runs at the smallest
+    of 1, 2, 4, ..., `batch_size` rows that holds them (zero-padded), so at most
+    log2(batch_size) + 1 programs are ever compiled."""
+
+    def __init__(self, exported: Any, input_size: tuple[int, int], batch_size: int):
+        self.exported = exported
+        self.input_size = input_size
+        self.buckets = _buckets(int(batch_size))
+        self._call = jax.jit(exported.call)
+
+    def rows(self, n: int) -> int:
+        return next((b for b in self.buckets if b >= n), n)
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The exported program on uint8 `[n, H, W, 3]` (any n) -> its outputs as numpy."""
+        batch = np.asarray(batch)
+        h, w = self.input_size
+        if batch.ndim != 4 or batch.shape[1:] != (h, w, 3) or batch.dtype != np.uint8:
+            raise ValueError(
+                f"batch {batch.shape} {batch.dtype}: expected (n, {h}, {w}, 3) uint8 "
+                "(use predict() for images of other sizes)"
+            )
+        return {k: np.asarray(v) for k, v in self._call(batch).items()}
+
+
+class ExportedModel(Scorer):
+    """A model loaded from an exported folder: the same `Scorer` as `Predictor`, with the
+    program read from `model.jaxexport`."""
 
     def __init__(self, model_dir: str | os.PathLike, batch_size: int = 16):
         model_dir = os.fspath(model_dir)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model_dir = model_dir
-        self.meta: dict[str, Any] = _read_meta(model_dir)
+        meta = _read_meta(model_dir)
         path = os.path.join(model_dir, MODEL_FILE)
         if not os.path.exists(path):
             raise ModelFileError(f"{path} not found: copy the whole exported folder")
-        want = self.meta.get("model_sha256")
+        want = meta.get("model_sha256")
         got = sha256_of(path)
         if got != want:
             raise ModelFileError(
                 f"{path} is damaged: its sha256 is {got}, meta.json expects {want}; copy the "
                 "folder again or export the model again"
             )
-        self._exported = _deserialize(path, self.meta)
-        platform = jax.default_backend()
-        platforms = tuple(self._exported.platforms)
-        if platform not in platforms:
-            raise ModelFileError(
-                f"{path} was lowered for {', '.join(platforms)}, not for this machine's "
-                f"{platform}: export it again with --platforms including {platform}"
-            )
-        self.batch_size = int(batch_size)
-        self.image_size: tuple[int, int] = tuple(int(x) for x in self.meta["input"]["image_size"])
-        self.decisions = Decisions(self.meta)
-        self._call = jax.jit(self._exported.call)
-
-    @property
-    def categories(self) -> list[str]:
-        return list(self.decisions.categories)
-
-    @property
-    def threshold(self) -> float | None:
-        """The run-wide threshold (see `Predictor.threshold`); assigning it fixes it."""
-        d = self.decisions
-        return d.fixed_threshold if d.fixed else d.run_threshold
-
-    @threshold.setter
-    def threshold(self, value: float | None) -> None:
-        self.decisions.fix_threshold(value)
-
-    def prepare(self, image: Any, name: str = "<image>") -> np.ndarray:
-        """One image (see `grad_jax.data.images.to_rgb8`) -> `[H, W, 3]` uint8 at the input size."""
-        return image_lib.prepare(image, self.image_size, name)
+        exported = _deserialize(path, meta)
+        check_platform(tuple(exported.platforms), export_platform(), path)
+        spec = _scoring_spec(meta)
+        program = ExportedProgram(exported, spec.input_size, batch_size)
+        super().__init__(program, spec, meta, batch_size)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """The exported program on uint8 `[n, H, W, 3]` (any n) -> its outputs as numpy."""
-        batch = np.asarray(batch)
-        h, w = self.image_size
-        if batch.ndim != 4 or batch.shape[1:] != (h, w, 3) or batch.dtype != np.uint8:
-            raise ValueError(
-                f"batch {batch.shape} {batch.dtype}: expected (n, {h}, {w}, 3) uint8 "
-                "(use predict() for images of other sizes)"
-            )
-        out = self._call(batch)
-        return {k: np.asarray(v) for k, v in out.items()}
-
-    def predict(
-        self,
-        images: Sequence[Any],
-        categories: Sequence[str | None] | str | None = None,
-    ) -> list[Prediction]:
-        """Score images of any size and mode (see `Predictor.predict`).
-
-        `categories`: one class for all images, one per image, or None (recognised from the
-        image when the model holds class centres).
-        """
-        return image_lib.in_batches(
-            images, categories, self.batch_size, self.prepare, self.predict_prepared
-        )
-
-    def predict_prepared(
-        self,
-        batch: Sequence[np.ndarray],
-        categories: Sequence[str | None] | str | None = None,
-    ) -> list[Prediction]:
-        """Score at most `batch_size` images already at the model size (`prepare`)."""
-        n = len(batch)
-        if not n:
-            return []
-        if n > self.batch_size:
-            raise ValueError(f"{n} images in one batch; at most batch_size={self.batch_size}")
-        rows = next(b for b in _buckets(self.batch_size) if b >= n)
-        out = self.run(image_lib.stack_prepared(batch, self.image_size, rows))
-        return self.decisions.results(
-            out["score"][:n], out["raw"][:n], categories, out["pooled"][:n]
-        )
+        """The exported program on uint8 `[n, H, W, 3]` at its input size (any n)."""
+        return self.program(batch)
 
 
 def load_model(model_dir: str | os.PathLike, batch_size: int = 16) -> ExportedModel:

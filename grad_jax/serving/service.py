@@ -16,9 +16,9 @@ Requests are decoded on the server's thread pool and their images queued for one
 answered 503 with Retry-After. A request with a bad file is refused whole (nothing is scored),
 with the status from `uploads.UploadError`.
 
-The model is anything with the interface of `grad_jax.inference.predictor.Predictor` and the
-exported model
-(`grad_jax.serving.served_model.ServedModel`).
+The model is the one scorer (`grad_jax.inference.scorer.Scorer`: a run folder's `Predictor` or an
+exported model): the worker runs its device work (`score_prepared`) for the images of several
+requests at once, and each request decides its own (`decide`, with its class and threshold).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations at run time.
@@ -38,9 +38,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from grad_jax.data.images import resize_image
+from grad_jax.inference import heatmap
+from grad_jax.inference.scorer import Scorer, colour_range
 from grad_jax.serving import batching, uploads
-from grad_jax.serving.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class _Refused(Exception):
 class _Service:
     """The served model and the service's settings."""
 
-    model: ServedModel
+    model: Scorer
     limits: uploads.Limits
     max_wait_ms: float
     max_queue: int
@@ -126,11 +126,9 @@ class _Service:
             "meta": self.model.meta,
         }
 
-    def run_batch(self, items: list[tuple[np.ndarray, str | None]]) -> list[Any]:
-        wanted = [c for _, c in items]
-        return self.model.predict(
-            [image for image, _ in items], categories=None if not any(wanted) else wanted
-        )
+    def run_batch(self, images: list[np.ndarray]) -> list[Any]:
+        """The device work for prepared images of any requests; each request decides its own."""
+        return self.model.score_prepared(images)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -155,7 +153,7 @@ class _Service:
 
 
 def create_app(
-    model: ServedModel,
+    model: Scorer,
     limits: uploads.Limits | None = None,
     max_wait_ms: float = 10.0,
     max_queue: int | None = None,
@@ -233,7 +231,7 @@ async def _predict(service: _Service, request: Request) -> list[dict[str, Any]]:
     decoded = time.perf_counter()
     batcher: batching.Batcher = request.app.state.batcher
     try:
-        futures = batcher.submit([(prepared, upload.category) for _, prepared in images])
+        futures = batcher.submit([prepared for _, prepared in images])
     except batching.QueueFull as err:
         raise _Refused(
             503,
@@ -250,22 +248,14 @@ async def _predict(service: _Service, request: Request) -> list[dict[str, Any]]:
         ) from err
 
     def describe():
+        predictions = service.model.decide(
+            [scored for scored, _ in outcomes], upload.category, upload.threshold
+        )
         done = time.perf_counter()
         return [
-            _result(
-                name,
-                original,
-                p,
-                info,
-                upload.threshold,
-                upload.overlay,
-                upload.raw_map,
-                service.limits,
-                decoded - start,
-                done - start,
-            )  # fmt: skip
-            for (name, _), (original, _), (p, info) in zip(
-                upload.named, images, outcomes, strict=True
+            _result(name, original, p, info, upload, service.limits, decoded - start, done - start)
+            for (name, _), (original, _), p, (_, info) in zip(
+                upload.named, images, predictions, outcomes, strict=True
             )
         ]
 
@@ -329,12 +319,12 @@ def _threshold(text: str) -> float | None:
 
 
 def _decode_all(named: list[tuple[str, bytes]], service: _Service):
-    """[(original, at the model size)] of every file; _Refused naming every bad one."""
+    """[(original, prepared for the model)] of every file; _Refused naming every bad one."""
     images, problems = [], []
     for name, data in named:
         try:
             image = uploads.decode(data, name, service.limits)
-            images.append((image, resize_image(image, service.image_size)))
+            images.append((image, service.model.prepare_rgb(image)))
         except uploads.UploadError as err:
             problems.append(err)
     if problems:
@@ -345,27 +335,19 @@ def _decode_all(named: list[tuple[str, bytes]], service: _Service):
     return images
 
 
-def _result(
-    name, original, p, info, threshold, want_overlay, want_map, limits, decode_s, total_s
-) -> dict[str, Any]:
-    """The JSON of one scored image."""
-    score = float(p.score)
-    used = _finite_or_none(getattr(p, "threshold", None))
-    source = getattr(p, "threshold_source", None) or ("model" if used is not None else "none")
-    anomalous = getattr(p, "is_anomalous", None)
-    if threshold is not None:
-        used, source, anomalous = threshold, "given in the request", score >= threshold
-    calibrated = getattr(p, "calibrated", None)
+def _result(name, original, p, info, upload, limits, decode_s, total_s) -> dict[str, Any]:
+    """The JSON of one scored image (`p`: its `Prediction`)."""
+    anomalous = p.is_anomalous
     result = {
         "file": name,
         "width": int(original.shape[1]),
         "height": int(original.shape[0]),
-        "score": score,
-        "calibrated": None if calibrated is None else float(calibrated),
-        "category": getattr(p, "category", None),
+        "score": float(p.score),
+        "calibrated": p.calibrated,
+        "category": p.category,
         "decision": None if anomalous is None else ("anomalous" if anomalous else "normal"),
-        "threshold": used,
-        "threshold_source": source,
+        "threshold": p.threshold,
+        "threshold_source": p.threshold_source,
         "time_ms": round(1000 * total_s, 3),
         "timing_ms": {
             "decode": round(1000 * decode_s, 3),
@@ -374,15 +356,11 @@ def _result(
         },
         "batch": info.size,
     }
-    if want_overlay:
-        anomaly_map = np.asarray(p.anomaly_map, np.float32)
-        if used is not None and used > 0:
-            vmin, vmax = 0.0, 2.0 * used  # the threshold sits mid-scale
-        else:
-            vmin, vmax = float(anomaly_map.min()), float(anomaly_map.max())
-        png = uploads.overlay_png(original, anomaly_map, vmin, vmax, limits.overlay_side)
-        result["overlay_png"] = base64.b64encode(png).decode("ascii")
+    if upload.overlay:
+        vmin, vmax = colour_range(p.threshold, [p.anomaly_map])
+        image = heatmap.overlay_image(original, p.anomaly_map, vmin, vmax, limits.overlay_side)
+        result["overlay_png"] = base64.b64encode(heatmap.png_bytes(image)).decode("ascii")
         result["overlay_range"] = [vmin, vmax]
-    if want_map:
+    if upload.raw_map:
         result["raw_map"] = uploads.encode_map(np.asarray(p.anomaly_map, np.float32))
     return result
