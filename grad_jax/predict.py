@@ -238,6 +238,7 @@ def write_outputs(
         anomalous = 0
         unscaled: list[tuple[str, str]] = []  # (path, key) of images decided without threshold
         any_decision = False
+        used: set[float] = set()  # the positive thresholds that colour overlays
         with open(temps["scores.csv"], "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(CSV_COLUMNS)
@@ -260,6 +261,7 @@ def write_outputs(
                 if p.threshold is not None and p.threshold > 0:
                     overlay = os.path.join(temps[OVERLAY_DIR], overlay_of[key])
                     vmin, vmax = colour_range(p.threshold, [p.anomaly_map])
+                    used.add(p.threshold)
                     _write_overlay(overlay, image, p.anomaly_map, vmin, vmax)
                 else:
                     unscaled.append((path, key))
@@ -269,7 +271,14 @@ def write_outputs(
         shared = _overlays_from_maps(unscaled, temps, overlay_of, progress) if unscaled else None
         decided = anomalous if scored and any_decision else None
         readme = _readme(
-            scorer, scored, [*missing, *failed], decided, threshold_line, shared, len(unscaled)
+            scorer,
+            scored,
+            [*missing, *failed],
+            decided,
+            threshold_line,
+            sorted(used),
+            shared,
+            len(unscaled),
         )
         with open(temps["README.txt"], "w", encoding="utf-8") as f:
             f.write(readme)
@@ -319,20 +328,25 @@ def _overlays_from_maps(scored, temps, overlay_of, progress) -> tuple[float, flo
     return vmin, vmax
 
 
-def _readme(scorer, scored, failed, anomalous, threshold, shared, n_shared) -> str:
-    """README.txt; `threshold`: (value, where it comes from), see `resolve_threshold`."""
+def _readme(scorer, scored, failed, anomalous, threshold, thresholds, shared, n_shared) -> str:
+    """README.txt; `threshold`: (value, where it comes from), see `resolve_threshold`;
+    `thresholds`: the positive thresholds the overlays were coloured by."""
     h, w = scorer.image_size
     value, source = threshold
-    colour = (
-        "an image decided with a positive threshold: vmin = 0, vmax = 2 x its threshold (the "
-        "threshold sits in the middle of the scale, so colours mean the same across images)"
-    )
+    parts = []
+    if thresholds:
+        parts.append(
+            "images decided with a positive threshold: vmin = 0, vmax = 2 x their threshold "
+            "(the threshold sits in the middle of the scale, so colours mean the same across "
+            "images; " + ", ".join(f"2 x {t:.6g} = {2 * t:.6g}" for t in thresholds) + ")"
+        )
     if shared is not None:
-        colour += (
-            f"; the {n_shared} image(s) decided without one: the minimum and maximum over their "
+        parts.append(
+            f"the {n_shared} image(s) decided without one: the minimum and maximum over their "
             f"raw maps, vmin = {shared[0]:.6g}, vmax = {shared[1]:.6g} (comparable among them "
             "only)"
         )
+    colour = "; ".join(parts) or "none (no image scored)"
     if scorer.meta.get("source") == "run folder":
         model = f"run folder {getattr(scorer, 'workdir', None)}"
     else:

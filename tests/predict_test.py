@@ -242,7 +242,7 @@ def test_cli_writes_every_output(good_run, good_dir, trained):
                 assert overlay.size == original.size
                 assert overlay.mode == "RGB"
     readme = (out / "README.txt").read_text()
-    assert "vmin = 0, vmax = 2 x threshold" in readme
+    assert "vmin = 0, vmax = 2 x their threshold" in readme
     assert f"{2 * th:.6g}" in readme
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no temporary files left
 
@@ -323,7 +323,7 @@ def test_usage_errors_exit_2(run_dir, good_dir, tmp_path, capsys):
     a_file.write_text("x")
     cases = {
         "no images given": [f"--workdir={run_dir}", f"--out={out}"],
-        "--workdir is required": [f"--out={out}", image],
+        "--workdir (a run folder) or --model": [f"--out={out}", image],
         "--out is required": [f"--workdir={run_dir}", image],
         "not a grad_jax run folder": [f"--workdir={not_a_run}", f"--out={out}", image],
         "no checkpoint of step 999": [f"--workdir={run_dir}", f"--out={out}", "--step=999", image],
@@ -372,7 +372,7 @@ def test_threshold_override_and_category(run_dir, good_dir, trained, good_run, t
         assert (decision == "anomalous") == (float(score) >= middle)
     readme = (out / "README.txt").read_text()
     assert f"Decision threshold: {middle!r} (given with --threshold)" in readme
-    assert "vmax = 2 x its threshold" in readme
+    assert "vmax = 2 x their threshold" in readme
 
     out = tmp_path / "category"
     per_category = trained.meta["threshold"]["per_category"]["hex_nut"]
@@ -380,7 +380,7 @@ def test_threshold_override_and_category(run_dir, good_dir, trained, good_run, t
     assert _cli(argv, capsys)[0] == 0
     _, rows = _read_csv(out)
     assert float(rows[0][3]) == per_category
-    assert "category 'hex_nut'" in (out / "README.txt").read_text()
+    assert "class 'hex_nut'" in (out / "README.txt").read_text()
 
 
 def test_without_threshold_overlays_use_the_run_range(predictor, good_dir, tmp_path, monkeypatch):
@@ -404,7 +404,7 @@ def test_without_threshold_overlays_use_the_run_range(predictor, good_dir, tmp_p
         up = np.asarray(Image.fromarray(maps["big.png"]).resize((w, h), Image.BILINEAR))
         want = heatmap.overlay(original, up, lo, hi)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "overlays" / "big.png")), want)
-    assert all(p.is_anomalous is None for p in predictor.predict([original]))
+    assert all(p.is_anomalous is None for p in bare.predict([original]))
 
 
 def test_same_names_get_unique_deterministic_keys(good_dir, tmp_path):

@@ -9,7 +9,7 @@ shrinking, as the reference's torchvision Resize on PIL images).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -81,60 +81,3 @@ def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     if image.shape[:2] == (h, w):
         return image
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-
-
-def prepare(image: Any, size: Sequence[int], name: str = "<image>") -> np.ndarray:
-    """One image (see `to_rgb8`) -> `[h, w, 3]` uint8 at the model input size `size`."""
-    return resize_image(to_rgb8(image, name), size)
-
-
-def check_sequence(images: Any) -> None:
-    """Refuse a single `[H, W, C]` array passed where a sequence of images is expected."""
-    if isinstance(images, np.ndarray) and images.ndim < 4:
-        raise ValueError(
-            f"predict() takes a sequence of images; got one array of shape {images.shape} "
-            "(wrap a single image in a list)"
-        )
-
-
-def in_batches(
-    images: Sequence[Any],
-    categories: Sequence[str | None] | str | None,
-    batch_size: int,
-    prepare: Callable[[Any, str], np.ndarray],
-    predict_prepared: Callable[[list[np.ndarray], Any], list[Any]],
-) -> list[Any]:
-    """Score `images` (any size and mode) in chunks of `batch_size`: each image goes through
-    `prepare(image, name)`, each chunk through `predict_prepared(chunk, its categories)`.
-
-    `categories`: one class for all images (a string), one per image, or None.
-    """
-    check_sequence(images)
-    images = list(images)
-    if categories is not None and not isinstance(categories, str):
-        categories = list(categories)
-        if len(categories) != len(images):
-            raise ValueError(f"{len(categories)} categories given for {len(images)} images")
-    out: list[Any] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        batch = [prepare(x, f"image {start + i}") for i, x in enumerate(chunk)]
-        cats = categories
-        if isinstance(categories, list):
-            cats = categories[start : start + len(chunk)]
-        out += predict_prepared(batch, cats)
-    return out
-
-
-def stack_prepared(batch: Sequence[np.ndarray], size: Sequence[int], rows: int) -> np.ndarray:
-    """`rows` x `[h, w, 3]` uint8: the prepared images of `batch` (at most `rows` of them, each
-    exactly `size`), zero-padded at the end so that one compiled program serves every batch."""
-    h, w = size
-    x = np.zeros((rows, h, w, 3), np.uint8)
-    for i, image in enumerate(batch):
-        if image.shape != (h, w, 3) or image.dtype != np.uint8:
-            raise ValueError(
-                f"prepared image {i}: {image.shape} {image.dtype}, expected ({h}, {w}, 3) uint8"
-            )
-        x[i] = image
-    return x

@@ -175,6 +175,29 @@ def score_tiles(
 # --------------------------------------------------------------------------------------------
 
 
+def check_sequence(images: Any) -> None:
+    """Refuse a single `[H, W, C]` array passed where a sequence of images is expected."""
+    if isinstance(images, np.ndarray) and images.ndim < 4:
+        raise ValueError(
+            f"predict() takes a sequence of images; got one array of shape {images.shape} "
+            "(wrap a single image in a list)"
+        )
+
+
+def stack_prepared(batch: Sequence[np.ndarray], size: Sequence[int], rows: int) -> np.ndarray:
+    """`rows` x `[h, w, 3]` uint8: the prepared images of `batch` (at most `rows` of them, each
+    exactly `size`), zero-padded at the end so that one compiled program serves every batch."""
+    h, w = size
+    x = np.zeros((rows, h, w, 3), np.uint8)
+    for i, image in enumerate(batch):
+        if image.shape != (h, w, 3) or image.dtype != np.uint8:
+            raise ValueError(
+                f"prepared image {i}: {image.shape} {image.dtype}, expected ({h}, {w}, 3) uint8"
+            )
+        x[i] = image
+    return x
+
+
 @dataclasses.dataclass(frozen=True)
 class Scored:
     """What the program said of one image, before any decision.
@@ -298,7 +321,7 @@ class Scorer:
                 Scored(float(o["score"]), upsample_map(o["raw"], image.shape[:2]), o["pooled"])
                 for o, image in zip(outs, batch, strict=True)
             ]
-        x = image_lib.stack_prepared(batch, self.image_size, self.program.rows(n))
+        x = stack_prepared(batch, self.image_size, self.program.rows(n))
         out = self.program(x)
         return [
             Scored(float(out["score"][i]), np.asarray(out["raw"][i], np.float32), out["pooled"][i])
@@ -347,7 +370,7 @@ class Scorer:
         `categories`: one class for all images, one per image, or None (recognised).
         `threshold`: decide every image with it (None: the stored thresholds).
         """
-        image_lib.check_sequence(images)
+        check_sequence(images)
         images = list(images)
         if categories is not None and not isinstance(categories, str):
             categories = list(categories)

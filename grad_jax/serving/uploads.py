@@ -24,7 +24,6 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from grad_jax.inference import heatmap
 from tfds_mvtec.mvtec_ad import layout
 
 
@@ -124,27 +123,6 @@ def decode(data: bytes, name: str, limits: Limits) -> np.ndarray:
         raise UploadError(422, name, err.reason) from None
     except (ValueError, OSError) as err:
         raise UploadError(422, name, f"cannot convert to RGB ({err})") from None
-
-
-def overlay_png(
-    image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, max_side: int
-) -> bytes:
-    """The map (`[h, w]` float) in jet colours over the image (`[H, W, 3]` uint8), as PNG bytes.
-
-    The image is first shrunk so that its longer side is at most `max_side` (never enlarged);
-    the map is resized to it with Pillow bilinear.
-    """
-    h, w = image.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # Pillow order: (W, H)
-    if size != (w, h):
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-    heat = np.ascontiguousarray(anomaly_map, np.float32)
-    if heat.shape != image.shape[:2]:
-        heat = np.asarray(Image.fromarray(heat).resize(size, Image.BILINEAR))
-    buffer = io.BytesIO()
-    Image.fromarray(heatmap.overlay(image, heat, vmin, vmax)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def encode_map(anomaly_map: np.ndarray) -> dict:
