@@ -42,8 +42,8 @@ def test_parameters_cell_and_model_loading():
         assert line in tagged[0].source, line
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     # an exported model and a run folder, each one line
-    assert "model = exported_model.load_model(MODEL_DIR)" in code
-    assert "model = Predictor.from_workdir(WORKDIR" in code
+    assert "model = load_scorer(model_dir=MODEL_DIR)" in code
+    assert "model = load_scorer(workdir=WORKDIR)" in code
     for path in re.findall(r"[\"'](/[^\"'\s]+)[\"']", code):
         assert path.startswith(("/content/", "/dev/accel0")), path
 
