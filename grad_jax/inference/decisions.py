@@ -46,6 +46,9 @@ class Prediction:
     threshold: the threshold the decision used, or None.
     threshold_source: where the threshold (and the class) came from, in words.
     category_source: 'given', 'recognised', 'only class' or '' (unknown).
+    error: why the image has no result (e.g. the model gave a non-finite score), or None. An
+        image with an error has no decision and no calibrated value; every consumer (predict,
+        the service, the page) reports it as a failure naming the image, never as a decision.
     """
 
     score: float
@@ -56,6 +59,11 @@ class Prediction:
     threshold: float | None = None
     threshold_source: str = ""
     category_source: str = ""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 def calibrated_value(score: float, normal_scores: Sequence[float] | np.ndarray) -> float | None:
@@ -183,6 +191,9 @@ class Decisions:
         out = []
         for i, (category, how) in enumerate(self.categories_for(n, categories, pooled)):
             score = float(scores[i])
+            if not math.isfinite(score):
+                out.append(_failed(score, raw_maps[i], category, how))
+                continue
             used, source = self.threshold_for(category, threshold)
             decision = None if used is None else bool(score >= used)
             if how == "recognised":
@@ -200,6 +211,19 @@ class Decisions:
                 )
             )
         return out
+
+
+def _failed(score: float, raw_map: np.ndarray, category: str | None, how: str) -> Prediction:
+    """The result of an image the model could not score: no decision, an error saying why."""
+    return Prediction(
+        score,
+        np.asarray(raw_map, np.float32),
+        None,
+        category,
+        category_source=how,
+        threshold_source="none: no decision",
+        error=f"the model gave a non-finite score ({score}); the image was not decided",
+    )
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -395,7 +395,8 @@ class Scorer:
         threshold: float | None = None,
     ) -> Iterator[tuple[str, np.ndarray | None, Prediction | None, str | None]]:
         """`(path, original RGB image, prediction, None)` or `(path, None, None, reason)` per
-        path, in order. Files are decoded on background threads, a few batches ahead."""
+        path, in order: a file that cannot be read, or whose prediction has an `error`, is a
+        failure with its reason. Files are decoded on background threads, a few batches ahead."""
         paths = [os.fspath(p) for p in paths]
 
         def load(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -410,8 +411,12 @@ class Scorer:
             for path, images, reason in pending:
                 if images is None:
                     yield path, None, None, reason
-                else:
-                    yield path, images[0], next(predictions), None
+                    continue
+                prediction = next(predictions)
+                if prediction.ok:
+                    yield path, images[0], prediction, None
+                else:  # scored, but without a usable result: a failure naming the file
+                    yield path, None, None, prediction.error
 
         with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
             queue: collections.deque = collections.deque()
