@@ -345,7 +345,7 @@ def test_evaluate_unweighted_mean_notes_and_no_flip():
     normal_only.masks[:] = 0
     normal_only.labels[:] = 0
     results = {"good": good, "bad": bad, "empty": normal_only}
-    out, notes = metrics.evaluate(results)
+    out, notes = metrics.summarise(results)
 
     for name in results:
         for key in metrics.METRIC_KEYS:
@@ -369,15 +369,15 @@ def test_evaluate_unweighted_mean_notes_and_no_flip():
     assert not any("disagree" in n for n in notes)
 
     bad.labels[1] = 1  # image 1 has an empty mask
-    _, notes = metrics.evaluate({"bad": bad})
+    _, notes = metrics.summarise({"bad": bad})
     assert any(n.startswith("bad: 1 image label(s) disagree") for n in notes)
     with pytest.raises(ValueError, match="reserved"):
-        metrics.evaluate({"mean": good})
+        metrics.summarise({"mean": good})
 
 
 def test_format_table():
     rng = np.random.default_rng(2)
-    out, _ = metrics.evaluate({"bottle": _category(rng, 6), "cable": _category(rng, 6, True)})
+    out, _ = metrics.summarise({"bottle": _category(rng, 6), "cable": _category(rng, 6, True)})
     table = metrics.format_table(out)
     lines = table.splitlines()
     assert lines[0].split() == [

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+from html import unescape as html_unescape
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def make_category(name, n_good, n_bad, seed, scores=None):
 
 
 def all_metrics(results):
-    values, _ = metrics.evaluate(
+    values, _ = metrics.summarise(
         {r.name: metrics.CategoryResults(r.scores, r.labels, r.maps, r.masks) for r in results}
     )
     return values
@@ -207,6 +208,64 @@ def test_threshold_shown_when_known_and_not_when_none(report, tmp_path):
     assert "0.4321" not in other and "held-out normal training images" not in other
     assert "No decision threshold" in other
     assert "test-set optimal, for reference only" in other
+
+
+#: A recipe selection's record as metrics.json holds it (the fields the report reads).
+SELECTION = {
+    "figure": "mean of image AUROC and pixel AUPRO on the synthetic validation",
+    "validation": {"source": "normal <training> images", "images": {"normal": 4, "patch": 3}},
+    "winner": "lite1@224:3-4",
+    "reused_probe": True,
+    "candidates": [
+        {
+            "name": "lite0@224:3-4",
+            "seconds_per_epoch": 12.34,
+            "curve": [
+                {"epoch": 2, "image_auroc": 0.5, "pixel_auroc": 0.61, "pixel_aupro": 0.7,
+                 "figure": 0.6},
+                {"epoch": 4, "image_auroc": 0.55, "pixel_auroc": 0.66, "pixel_aupro": 0.75,
+                 "figure": 0.65},
+            ],
+        },
+        {
+            "name": "lite1@224:3-4",
+            "seconds_per_epoch": 20.0,
+            "curve": [
+                {"epoch": 4, "image_auroc": 0.9, "pixel_auroc": 0.8, "pixel_aupro": 0.70004,
+                 "figure": 0.80002},
+            ],
+        },
+    ],
+    "skipped": [{"name": "lite2@224:3-4", "reason": "over budget: 300 s > 200 s"}],
+}  # fmt: skip
+
+
+def test_selection_section_shows_the_record(tmp_path, report):
+    results = [make_category("bottle", 2, 2, seed=5)]
+    index = write_report(str(tmp_path), results, all_metrics(results), None, selection=SELECTION)
+    with open(index, encoding="utf-8") as f:
+        page = f.read()
+    parser = _Tables()
+    parser.feed(page)
+    (table,) = [t for t in parser.tables if t and t[0][:2] == ["candidate", "epoch"]]
+    assert table == [
+        ["candidate", "epoch", "image AUROC", "pixel AUROC", "AUPRO", "figure", "s/epoch"],
+        ["lite0@224:3-4", "2", "0.5000", "0.6100", "0.7000", "0.6000", "12.3"],
+        ["lite0@224:3-4", "4", "0.5500", "0.6600", "0.7500", "0.6500", "12.3"],
+        ["lite1@224:3-4 (winner)", "4", "0.9000", "0.8000", "0.7000", "0.8000", "20.0"],
+    ]
+    text = re.sub(r"<[^>]+>", "", page)
+    assert (
+        "Ranked by the mean of image AUROC and pixel AUPRO on the synthetic validation; "
+        'validation: normal <training> images ({"normal": 4, "patch": 3}). '
+        "Winner: lite1@224:3-4 (its probe state continued)."
+    ) in html_unescape(text)
+    assert "normal &lt;training&gt; images" in page  # escaped
+    assert "lite2@224:3-4: over budget: 300 s &gt; 200 s" in page
+    with open(os.path.join(tmp_path, "report", "report.json"), encoding="utf-8") as f:
+        assert json.load(f)["selection"] == SELECTION
+    # A run that did not choose its recipe has no such section (nor manifest entry).
+    assert 'id="selection"' not in report["page"] and "selection" not in report["manifest"]
 
 
 def test_examples_are_the_right_images(report):

@@ -1,18 +1,28 @@
 """Label-free recipe selection: synthetic defects, the choice, the test split left unread."""
 
+import inspect
 import json
 import pathlib
+import re
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from grad_jax.configs import tiny
 
+from grad_jax import errors
 from grad_jax.data import input_pipeline
 from grad_jax.data import synthetic_defects as sd
-from grad_jax.runs import run_folder
-from grad_jax.selection import select
-from grad_jax.training import loop
+from grad_jax.errors import SelectionError
+from grad_jax.evaluation import evaluate
+from grad_jax.models.model import ModelVariables, build_model
+from grad_jax.runs import checkpointing, run_folder
+from grad_jax.runs.train_state import TrainState
+from grad_jax.selection import candidates as cands
+from grad_jax.selection import probes, select
+from grad_jax.training import feature_cache, loop, run_records
+from grad_jax.training.optim import make_optimizer
 from tests.conftest import tiny_category
 
 
@@ -39,25 +49,28 @@ def test_defect_changes_exactly_its_mask(kind):
 
 def test_parse_candidates():
     layers = (3, 4)
-    assert select.parse_candidate("lite1@224", layers) == select.Candidate(
+    assert cands.parse_candidate("lite1@224", layers) == cands.Candidate(
         "efficientnet-lite1", (224, 224), (3, 4)
     )
-    c = select.parse_candidate("efficientnet-lite0@288x224:2-3", layers)
-    assert c == select.Candidate("efficientnet-lite0", (288, 224), (2, 3))
+    c = cands.parse_candidate("efficientnet-lite0@288x224:2-3", layers)
+    assert c == cands.Candidate("efficientnet-lite0", (288, 224), (2, 3))
     assert c.name == "lite0@288x224:2-3"
-    with pytest.raises(select.SelectionError, match="BACKBONE@SIZE"):
-        select.parse_candidate("lite1-224", layers)
+    with pytest.raises(SelectionError, match="BACKBONE@SIZE"):
+        cands.parse_candidate("lite1-224", layers)
     config = tiny.get_config()
     config.select = "auto"
     config.selection.candidates = "lite0@64,lite1@96"
-    names = [c.name for c in select.candidates(config)]
+    names = [c.name for c in cands.candidates(config)]
     assert names == ["lite0@64:3-4", "lite1@96:3-4"]  # the config's own recipe first, once
+
+
+_FIGURE_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "figure")
 
 
 def _fake_probe(figures, seconds_per_epoch):
     """probe() replaced by recorded figures: name -> figure."""
 
-    def probe(candidate, config, source, val, cache, log_dir):
+    def probe(candidate, config, source, val, shared, log_dir, deadline=None):
         figure = figures[candidate.name]
         record = {
             "name": candidate.name,
@@ -65,7 +78,7 @@ def _fake_probe(figures, seconds_per_epoch):
             "image_size": list(candidate.image_size),
             "out_layers": list(candidate.out_layers),
             "probe_epochs": config.selection.probe_epochs,
-            "curve": [],
+            "curve": [{"epoch": 1, **dict.fromkeys(_FIGURE_KEYS, figure)}],
             "image_auroc": figure,
             "pixel_auroc": figure,
             "pixel_aupro": figure,
@@ -76,7 +89,7 @@ def _fake_probe(figures, seconds_per_epoch):
             "seconds": 0.0,
             "steps_per_epoch": 1,
         }
-        return select.Probe(candidate, record)
+        return probes.Probe(candidate, record)
 
     return probe
 
@@ -104,11 +117,11 @@ def test_the_best_figure_wins_within_budget(category, tmp_path, monkeypatch):
     config = _config(category, tmp_path / "tfds", "lite0@96,lite0@128,lite1@64")
     config.selection.probe_epochs = 1
     figures = {"lite0@64:3-4": 0.6, "lite0@96:3-4": 0.8, "lite0@128:3-4": 0.7, "lite1@64:3-4": 0.5}
-    monkeypatch.setattr(select, "probe", _fake_probe(figures, {}))
+    monkeypatch.setattr(probes, "probe", _fake_probe(figures, {}))
     record = select.select(config, str(tmp_path / "run"))
     assert record["winner"] == "lite0@96:3-4"
     assert [c["name"] for c in record["candidates"]] == list(figures)
-    on_disk = json.loads((tmp_path / "run" / select.SELECTION_FILE).read_text())
+    on_disk = json.loads((tmp_path / "run" / run_folder.SELECTION_FILE).read_text())
     assert on_disk["winner"] == "lite0@96:3-4" and not on_disk["reused_probe"]
 
     # A better candidate whose full run cannot fit in the budget is not chosen: lite0@128 costs
@@ -122,7 +135,7 @@ def test_the_best_figure_wins_within_budget(category, tmp_path, monkeypatch):
         "lite1@64:3-4": 99.0,
     }
     figures = {"lite0@64:3-4": 0.6, "lite0@96:3-4": 0.5, "lite0@128:3-4": 0.8, "lite1@64:3-4": 0.7}
-    monkeypatch.setattr(select, "probe", _fake_probe(figures, times))
+    monkeypatch.setattr(probes, "probe", _fake_probe(figures, times))
     record = select.select(config, str(tmp_path / "run2"))
     by_name = {c["name"]: c for c in record["candidates"]}
     assert not by_name["lite0@128:3-4"]["fits_budget"]
@@ -187,18 +200,49 @@ def test_selection_never_reads_the_test_split(category, tmp_path, monkeypatch):
     assert "Recipe selection" in report and record["winner"] in report
 
 
+def _state_at(workdir, step, config, tmp_path):
+    """The training state (a flat {path: array}) of checkpoint `step` of `workdir`, read from a
+    copy whose later checkpoints are deleted (restore_training reads the newest)."""
+    copy = tmp_path / f"{pathlib.Path(workdir).name}_at_{step}"
+    shutil.copytree(workdir, copy)
+    ckpt = checkpointing.Checkpoints(str(copy))
+    assert step in ckpt.steps(), ckpt.steps()
+    for later in [s for s in ckpt.steps() if s > step]:
+        ckpt.delete(later)
+    variables = ModelVariables.from_model(build_model(config))
+    tx, _ = make_optimizer(config.train, 1, variables.params)
+    template = TrainState.create(variables.params, variables.batch_stats, tx)
+    try:
+        got, state, _, _ = ckpt.restore_training(template, variables.backbone, config)
+    finally:
+        ckpt.close()
+    assert got == step
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
 def test_winner_continues_from_its_probe(category, tmp_path):
-    """The winner's probe is the start of its full run: selection + the rest of the epochs gives
-    the model that a plain run of the winning recipe gives."""
+    """The winner's probe is the start of its full run: its state after the probe is, bit for
+    bit, the state of a plain run of the winning recipe after as many epochs (parameters, BN
+    statistics, optimiser state), and selection + the rest of the epochs gives the plain run's
+    model."""
     config = _config(category, tmp_path / "tfds", candidates="")  # only the config's recipe
     selected = tmp_path / "selected"
     select.select_and_train(config, str(selected))
-    record = json.loads((selected / select.SELECTION_FILE).read_text())
+    record = json.loads((selected / run_folder.SELECTION_FILE).read_text())
     assert record["winner"] == "lite0@64:3-4" and record["reused_probe"]
 
     plain = config.copy_and_resolve_references()
     plain.select = ""
     loop.train_and_evaluate(plain, str(tmp_path / "plain"))
+
+    probe_step = record["candidates"][0]["steps_per_epoch"] * config.selection.probe_epochs
+    got = _state_at(selected, probe_step, plain, tmp_path)  # written from the probe's state
+    want = _state_at(tmp_path / "plain", probe_step, plain, tmp_path)  # the plain run's
+    assert sorted(got) == sorted(want)
+    assert any("opt_state" in k for k in want) and any("batch_stats" in k for k in want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
 
     a = run_folder.load_trained(str(selected)).variables
     b = run_folder.load_trained(str(tmp_path / "plain")).variables
@@ -210,6 +254,107 @@ def test_winner_continues_from_its_probe(category, tmp_path):
         for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
     ]
     np.testing.assert_allclose(losses, want, rtol=1e-5)
+
+
+def test_probes_train_through_the_training_loop(category, tmp_path, monkeypatch):
+    """A probe builds no step or feature extractor of its own: it runs `loop.train_epochs`,
+    whose step comes from `loop.make_train_step` with the config's `model.precision`, from a
+    cache extracted at that precision (on a CPU the precision changes no number, so the
+    bit-for-bit test above cannot see it)."""
+    config = _config(category, tmp_path / "tfds", candidates="")
+    config.model.precision = "float32"  # not the default: a dropped setting shows
+    calls = {"train_epochs": [], "make_train_step": [], "make_extract_fn": []}
+
+    def spy(module, name, *keys):
+        """Records the arguments `keys` of every call of `module.name`."""
+        original = getattr(module, name)
+        signature = inspect.signature(original)
+
+        def wrapped(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            calls[name].append(tuple(bound.arguments[k] for k in keys))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(loop, "train_epochs", "on_epoch_end")
+    spy(loop, "make_train_step", "from_features", "precision")
+    spy(feature_cache, "make_extract_fn", "precision")
+    record = select.select(config, str(tmp_path / "run"))
+    assert [c["name"] for c in record["candidates"]] == ["lite0@64:3-4"]
+    (hook,) = calls["train_epochs"]  # one probe, trained by the loop, with its hook
+    assert hook[0] is not None
+    # Its step: from the cache, at the config's precision; the cache: at that precision too.
+    assert calls["make_train_step"] == [(True, "float32")]
+    assert calls["make_extract_fn"] == [("float32",)]
+
+
+def test_a_probe_stops_at_the_probing_deadline(category, tmp_path):
+    """With a budget already spent, the loop's hook stops the config's own probe after its
+    first epoch (scored there), the other candidates are skipped, and the winner's full run
+    continues from that one epoch."""
+    config = _config(category, tmp_path / "tfds", candidates="lite0@96")
+    config.selection.probe_epochs = 2
+    config.selection.budget_minutes = 1e-6  # the probing share ends before the first epoch does
+    record = select.select(config, str(tmp_path / "run"))
+    (probe,) = record["candidates"]
+    assert probe["probe_epochs"] == 1 and [p["epoch"] for p in probe["curve"]] == [1]
+    assert "stopped after 1 of 2 epochs" in probe["stopped_early"]
+    assert [s["name"] for s in record["skipped"]] == ["lite0@96:3-4"]
+    assert record["final_epochs"] == 1 and record["reused_probe"]
+    steps = checkpointing.Checkpoints(str(tmp_path / "run"), read_only=True).steps()
+    assert steps == [probe["steps_per_epoch"]]  # one epoch of the probe, continued
+    assert "probe stopped after 1 epoch(s)" in select.table(record)
+
+
+def test_an_interrupted_probe_saves_nothing_and_the_rerun_selects_again(
+    category, tmp_path, monkeypatch
+):
+    """SIGINT/SIGTERM during a probe (the loop's stop request) raises Interrupted; the probe
+    keeps no checkpoint and the selection is not finished, so a rerun starts it again."""
+
+    class StopAtOnce(run_records.StopFlag):
+        def requested(self):
+            return True
+
+    monkeypatch.setattr(loop, "StopFlag", StopAtOnce)
+    workdir = tmp_path / "run"
+    with pytest.raises(errors.Interrupted, match="probe lite0@64:3-4.*start it again"):
+        select.select(_config(category, tmp_path / "tfds", candidates=""), str(workdir))
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+    assert run_folder.read_selection(str(workdir)) is None
+
+
+def test_eval_mode_keeps_the_selection_and_the_report_renders_it(category, tmp_path, monkeypatch):
+    """--mode=eval writes the selection into metrics.json and the report as training does: the
+    report renders it from the record (a deleted index.html comes back with it)."""
+    figures = {"lite0@64:3-4": 0.6, "lite0@96:3-4": 0.8}
+    monkeypatch.setattr(probes, "probe", _fake_probe(figures, {}))
+    workdir = tmp_path / "run"
+    select.select_and_train(_config(category, tmp_path / "tfds"), str(workdir))
+    on_disk = json.loads((workdir / run_folder.SELECTION_FILE).read_text())
+    summary = {k: v for k, v in on_disk.items() if k != "config"}
+    assert "config" in on_disk and summary["winner"] == "lite0@96:3-4"
+
+    def section():
+        page = (workdir / "report" / "index.html").read_text()
+        found = re.findall(r'<section id="selection">.*?</section>', page, re.S)
+        assert len(found) == 1, "no selection section in index.html"
+        return found[0]
+
+    trained = json.loads((workdir / "metrics.json").read_text())
+    assert trained["selection"] == summary
+    after_training = section()
+    assert "lite0@96:3-4 (winner)" in after_training and "0.8000" in after_training
+    (workdir / "report" / "index.html").unlink()
+    evaluate.evaluate_workdir(str(workdir))
+    evaluated = json.loads((workdir / "metrics.json").read_text())
+    assert evaluated["selection"] == summary
+    assert "checkpoint step" in evaluated["model"]  # written by --mode=eval
+    assert section() == after_training
+    manifest = json.loads((workdir / "report" / "report.json").read_text())
+    assert manifest["selection"] == summary
 
 
 def test_bad_selection_config_is_one_line(category, tmp_path):

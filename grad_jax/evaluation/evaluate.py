@@ -128,10 +128,10 @@ def image_labels(masks: np.ndarray, has_mask: np.ndarray, folder_labels: np.ndar
 def compute_metrics(
     results: Sequence[CategoryEval], threshold: float | None = None
 ) -> tuple[dict[str, float], list[str]]:
-    """`metrics.evaluate` of every category, plus, when a decision `threshold` (image score) is
+    """`metrics.summarise` of every category, plus, when a decision `threshold` (image score) is
     known, `<category>/false_alarm_rate`: the share of good test images at or above it (the one
     figure a test split of good images only can give)."""
-    values, notes = metrics.evaluate({r.name: r for r in results})
+    values, notes = metrics.summarise({r.name: r for r in results})
     for r in results:
         files = r.label_disagreements()
         if files:
@@ -201,8 +201,9 @@ def publish(
     centres: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Metrics of `results` -> metrics.json, a printed table, and the visual report (process 0
-    writes; every process gets the values). With class `centres` and several classes, the
-    class recognition accuracy on the test images is added."""
+    writes; every process gets the values). `info` goes into metrics.json as it is; its
+    "threshold" and "selection" (a recipe selection's record) also go to the report. With class
+    `centres` and several classes, the class recognition accuracy on the test images is added."""
     values, notes = compute_metrics(results, _threshold_value(info.get("threshold")))
     if centres and len(results) > 1:
         recognition = recognition_accuracy(results, centres)
@@ -217,7 +218,9 @@ def publish(
         print(metrics.format_table(values))
         for note in notes:
             print("note:", note)
-        write_report(workdir, results, values, info.get("threshold"))
+        write_report(
+            workdir, results, values, info.get("threshold"), selection=info.get("selection")
+        )
     return values
 
 
@@ -245,7 +248,9 @@ def write_metrics(
 
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict:
     """--mode=eval: reload the latest checkpoint of `workdir` and evaluate it on the test data
-    of `config` (default: the run's own config.json). Writes metrics.json and the report."""
+    of `config` (default: the run's own config.json). Writes metrics.json and the report, with
+    the run's finished recipe selection (`selection.json`, without its "config") when it has
+    one, as training writes them."""
     sharding.maybe_initialize_distributed()
     if config is not None:
         validate_config(config, training=False)
@@ -261,4 +266,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
     predict = device_program.make_predict_fn(trained.variables, config)
     results = evaluate_categories(predict, categories, config)
     info = {"model": f"checkpoint step {trained.step}", "threshold": trained.meta.get("threshold")}
+    selection = run_folder.read_selection(workdir)
+    if selection is not None:
+        info["selection"] = run_folder.selection_summary(selection)
     return publish(workdir, results, info, trained.meta.get("class_centres"))

@@ -6,6 +6,8 @@ inference).
 <workdir>/metrics.jsonl    one line per logged training step
 <workdir>/metrics.json     evaluation of the final model
 <workdir>/report/          the visual report
+<workdir>/selection.json   the recipe selection, when the run chose its recipe (written by
+                           grad_jax.selection; read here, so evaluation can report it)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from grad_jax.files import atomic_write_text
 from grad_jax.models.model import GradModel, ModelVariables, build_model
 
 CONFIG_FILE = "config.json"
+SELECTION_FILE = "selection.json"
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -52,6 +55,23 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return x
 
     return ml_collections.ConfigDict(tuples(raw))
+
+
+def read_selection(workdir: str) -> dict[str, Any] | None:
+    """The finished recipe selection of `workdir` (its `selection.json`, once it names a
+    winner), or None."""
+    path = os.path.join(workdir, SELECTION_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    return record if "winner" in record else None
+
+
+def selection_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json and the report show of a selection record: all of it but the winner's
+    full "config" (which is the run's config.json)."""
+    return {k: v for k, v in record.items() if k != "config"}
 
 
 def create_model(config: ml_collections.ConfigDict) -> GradModel:

@@ -153,7 +153,7 @@ def validate(predict, val: ValidationSet, config: ml_collections.ConfigDict) -> 
         per_class[name] = metrics.CategoryResults(
             np.concatenate(scores), labels, np.concatenate(maps), gt
         )
-    values, _ = metrics.evaluate(per_class)
+    values, _ = metrics.summarise(per_class)
     out = {k: values[f"mean/{k}"] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
     out["figure"] = 0.5 * (out["image_auroc"] + out["pixel_aupro"])
     return out

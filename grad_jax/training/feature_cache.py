@@ -2,7 +2,8 @@
 
 Without augmentation a training image's backbone features never change, so by default
 (`train.cache_features='auto'`, within `train.cache_max_gb`) they are extracted once; later
-epochs (and recipe-selection probes) then train the head from them alone.
+epochs (and recipe-selection probes) then train the head from them alone. `training_cache` is
+the one entry point: it decides, and extracts with the configured `model.precision`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ def make_extract_fn(variables: ModelVariables, mesh, precision: str = "default")
         return model.extract(images)
 
     return with_precision(jax.jit(extract, in_shardings=(rep, data), out_shardings=data), precision)
+
+
+def training_cache(
+    variables: ModelVariables, backbone, source, config: ml_collections.ConfigDict, mesh
+) -> tuple[list[np.ndarray], list[str | None]] | None:
+    """The feature cache `(features, names)` of the images of `source` when the config asks for
+    one (`use_cache`), else None: extracted with `model.precision`, as the training step reads
+    them. The one way a cache is made, for a full run and a recipe-selection probe alike.
+
+    `variables`: the model (its backbone's structure); `backbone`: its weights, replicated on
+    `mesh`."""
+    shapes = feature_shapes(variables, config)
+    if not use_cache(config, shapes, len(source)):
+        return None
+    extract = make_extract_fn(variables, mesh, config.model.precision)
+    return build_feature_cache(extract, backbone, source, config, mesh, shapes)
 
 
 def feature_shapes(

@@ -1,4 +1,5 @@
-"""train_and_evaluate(config, workdir): the training loop, then calibration and evaluation.
+"""The training loop (`train_epochs`), and `train_and_evaluate(config, workdir)`: the loop, then
+calibration and evaluation.
 
 The trainable state (`TrainState`: head params, BN statistics, optimiser state, step) is separate
 from the frozen backbone, which is passed to the step as a constant. The step is `jax.jit` with
@@ -6,6 +7,9 @@ from the frozen backbone, which is passed to the step as a constant. The step is
 donated. Around the loop: the feature cache (`feature_cache`), the metrics log and the stop
 request (`run_records`), checkpoints (`checkpointing`), and, with the final model, the decision
 threshold and class centres (`calibration`) and the test evaluation (`evaluate`).
+
+`make_run` and `train_epochs` are the only way a model is trained: the full run and recipe
+selection's probes (`grad_jax.selection.probes`, through the `on_epoch_end` hook) both use them.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def make_train_step(
         new_state = state.apply_gradients(grads, stats, tx)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         # Every process's stop request rides with its rows of the batch: the maximum is the
-        # same on all processes, so they all stop after the same step (see `_train_loop`).
+        # same on all processes, so they all stop after the same step (see `_stop_agreed`).
         stop = jnp.max(batch["stop"]) if "stop" in batch else jnp.zeros((), jnp.int32)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "stop": stop}
 
@@ -130,9 +134,10 @@ class TrainingRun:
     backbone: Any  # replicated on the mesh
     source: Any  # IndexedSource or TiledSource of the training images
     steps_per_epoch: int
-    checkpoints: checkpointing.Checkpoints
+    checkpoints: checkpointing.Checkpoints | None  # None: a probe, which saves nothing
     run_values: dict[str, Any]  # the trajectory settings a resume must agree on
     metrics_log: MetricsLog | None = None
+    label: str = ""  # names the run in progress bars and messages (e.g. a probe's candidate)
 
     @property
     def total_steps(self) -> int:
@@ -176,35 +181,52 @@ def _open_data(config: ml_collections.ConfigDict):
     return categories, train_source, held_items
 
 
+def make_run(
+    config: ml_collections.ConfigDict,
+    source,
+    model,
+    checkpoints: checkpointing.Checkpoints | None = None,
+    run_values: dict[str, Any] | None = None,
+    label: str = "",
+) -> tuple[TrainingRun, TrainState]:
+    """The run of `config` on the training images of `source`, starting from `model` (a
+    `GradModel`), and its initial state (step 0, on the host): the one place a run's optimiser,
+    schedules, mesh and step count are made, for a full run and a probe alike."""
+    spe = input_pipeline.steps_per_epoch(len(source), config.train.batch_size, jax.device_count())
+    variables = ModelVariables.from_model(model)
+    tx, schedules = make_optimizer(config.train, spe, variables.params)
+    state = TrainState.create(variables.params, variables.batch_stats, tx)
+    mesh = sharding.make_mesh()
+    backbone = sharding.replicate(variables.backbone, mesh)
+    run = TrainingRun(
+        config, variables, tx, schedules, mesh, backbone, source, spe, checkpoints,
+        run_values or {}, label=label,
+    )  # fmt: skip
+    return run, state
+
+
 def _start_or_resume(config, workdir: str, train_source) -> tuple[TrainingRun, TrainState, dict]:
     """The run and its state: new (pretrained backbone), or from the latest checkpoint (which
     holds the backbone). Returns (run, state on the host, the checkpoint's meta)."""
-    n_train = len(train_source)
-    spe = input_pipeline.steps_per_epoch(n_train, config.train.batch_size, jax.device_count())
     ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints)
     resuming = ckpt.latest_step() is not None
     run_values = {
         **checkpointing.fingerprint(config, checkpointing.RESUME_FIELDS),
-        "train_images": n_train,
+        "train_images": len(train_source),
     }
     model = build_model(config, config.seed) if resuming else run_folder.create_model(config)
-    variables = ModelVariables.from_model(model)
-    tx, schedules = make_optimizer(config.train, spe, variables.params)
-    state = TrainState.create(variables.params, variables.batch_stats, tx)
-    backbone, meta = variables.backbone, {}
+    run, state = make_run(config, train_source, model, ckpt, run_values)
+    meta = {}
     if resuming:
-        step, state, backbone, meta = ckpt.restore_training(state, backbone, config)
+        step, state, backbone, meta = ckpt.restore_training(state, run.variables.backbone, config)
         checkpointing.check_resume(meta.get("run"), run_values, workdir)
         log.info("resuming from step %d (%s)", step, ckpt.directory)
+        run.variables = run.variables.replace(backbone=backbone)
+        run.backbone = sharding.replicate(backbone, run.mesh)
     if jax.process_index() == 0:
         # Only now: a run restarted with an incompatible config has been refused above and
         # must not overwrite the config its checkpoints belong to.
         run_folder.write_config(config, workdir)
-    mesh = sharding.make_mesh()
-    run = TrainingRun(
-        config, variables.replace(backbone=backbone), tx, schedules, mesh,
-        sharding.replicate(backbone, mesh), train_source, spe, ckpt, run_values,
-    )  # fmt: skip
     return run, state, meta
 
 
@@ -222,12 +244,16 @@ def train_and_evaluate(
     categories, train_source, held_items = _open_data(config)
     run, state, meta = _start_or_resume(config, workdir, train_source)
     start_step = int(state.step)
-    state = sharding.replicate(state, run.mesh)
     done = bool(meta.get("final")) and start_step >= run.total_steps
     run.metrics_log = MetricsLog(workdir, start_step)
     cache, stopped = None, False
     if not done:
-        state, cache, stopped = _train_loop(run, state, start_step)
+        cache = feature_cache.training_cache(
+            run.variables, run.backbone, run.source, config, run.mesh
+        )
+        state, stopped = train_epochs(run, state, start_step, cache)
+    else:
+        state = sharding.replicate(state, run.mesh)
 
     final = run.variables.replace(
         backbone=run.backbone, params=state.params, batch_stats=state.batch_stats
@@ -274,76 +300,106 @@ def _calibrate_and_save(run, state, final, predict, categories, held_items, cach
 # The loop
 # ---------------------------------------------------------------------------------------------
 
+#: `on_epoch_end(epochs_done, state)`, called by `train_epochs` after each epoch (and its
+#: checkpoint); True asks the loop to stop there.
+EpochHook = Callable[[int, TrainState], bool]
 
-def _prepare_features(run: TrainingRun):
-    """The feature cache `(features, names)` when the config asks for one (else None)."""
+
+def train_epochs(
+    run: TrainingRun,
+    state: TrainState,
+    start_step: int,
+    cache: tuple[list[np.ndarray], list[str | None]] | None = None,
+    on_epoch_end: EpochHook | None = None,
+) -> tuple[TrainState, bool]:
+    """Train `run` from `start_step` to the end of its `train.epochs`: the one training loop,
+    for a full run and for a recipe-selection probe alike.
+
+    The step is built here, from `run` (model, optimiser, seed, `model.precision`) and whether
+    `cache` (backbone features from `feature_cache.training_cache`) is given, so no training
+    setting can reach one caller and not the other. With `run.checkpoints`, a checkpoint is
+    saved every `train.checkpoint_every_epochs` epochs (not after the last one: the caller
+    saves the final state). SIGINT/SIGTERM: a stop before the last step saves a checkpoint and
+    raises Interrupted; at the last step the run is complete and the stop is returned. A run
+    without checkpoints (a probe) raises Interrupted at any step. `on_epoch_end` runs after each
+    epoch and may end the loop there (the state of that epoch is returned).
+
+    Returns (state, whether a stop was asked at the last step).
+    """
     config = run.config
-    shapes = feature_cache.feature_shapes(run.variables, config)
-    if not feature_cache.use_cache(config, shapes, len(run.source)):
-        return None
-    extract = feature_cache.make_extract_fn(run.variables, run.mesh, config.model.precision)
-    return feature_cache.build_feature_cache(
-        extract, run.backbone, run.source, config, run.mesh, shapes
-    )
-
-
-def _train_loop(run: TrainingRun, state: TrainState, start_step: int):
-    """Run the remaining epochs; returns (final state, the feature cache or None, whether a
-    stop was asked at the last step). A stop before the last step saves a checkpoint and raises
-    Interrupted."""
-    config = run.config
-    cache = _prepare_features(run)
     step_fn = make_train_step(
         run.variables, run.tx, run.mesh, cache is not None, config.seed, config.model.precision
     )
-    spe, step, stopped = run.steps_per_epoch, start_step, False
+    state = sharding.replicate(state, run.mesh)
+    step, stopped = start_step, False
     with StopFlag() as stop:
-
-        def stop_agreed(checked, latest) -> bool:
-            """Logs the `checked` step; True when any process asked to stop in its batch (all
-            processes see the same value after the same step). Before the last step, saves the
-            `latest` step (logged too) and raises Interrupted."""
-            run.record_step(checked)
-            if not bool(checked[1]["stop"]):
-                return False
-            if step < run.total_steps:
-                if latest is not checked:
-                    run.record_step(latest)
+        for epoch in range(start_step // run.steps_per_epoch, config.train.epochs):
+            state, step, stop_at_end = _train_epoch(run, state, step_fn, step, epoch, cache, stop)
+            stopped = stopped or stop_at_end
+            if _checkpoint_due(run, epoch + 1):
                 run.save(step, state)
-                raise Interrupted(f"stopped at step {step}; run the same command again to continue")
-            return True  # the last step: training is complete, the caller saves it as final
+            if on_epoch_end is not None and on_epoch_end(epoch + 1, state):
+                break
+    return state, stopped
 
-        for epoch in range(start_step // spe, config.train.epochs):
-            done_in_epoch = step - epoch * spe
-            batches = epoch_batches(
-                run.source, epoch, done_in_epoch * config.train.batch_size, config, cache
-            )
-            bar = tqdm.tqdm(
-                total=spe,
-                initial=done_in_epoch,
-                desc=f"epoch {epoch + 1}/{config.train.epochs}",
-                disable=jax.process_index() != 0,
-                leave=False,
-            )
-            pending = None  # (step, metrics, filenames, rate): checked one step late
-            t0, images_seen = time.time(), 0
-            for local in batches:
-                inputs = step_inputs(local, stop.requested())
-                state, step_metrics = step_fn(
-                    state, run.backbone, sharding.global_batch(inputs, run.mesh)
-                )
-                step += 1
-                images_seen += len(local["filename"]) * jax.process_count()
-                latest = (step, step_metrics, local["filename"], images_seen / (time.time() - t0))
-                if pending is not None:
-                    stopped = stop_agreed(pending, latest)
-                pending = latest
-                bar.update(1)
-            bar.close()
-            if pending is not None:
-                stopped = stop_agreed(pending, pending) or stopped
-            every = config.train.checkpoint_every_epochs
-            last_epoch = epoch + 1 == config.train.epochs
-            if not last_epoch and every > 0 and (epoch + 1) % every == 0:
-                run.save(step, state)
-    return state, cache, stopped
+
+def _checkpoint_due(run: TrainingRun, epochs_done: int) -> bool:
+    """Whether the loop saves after `epochs_done` epochs: every `train.checkpoint_every_epochs`
+    but the last (the caller saves the final state), and never in a run without checkpoints."""
+    every = run.config.train.checkpoint_every_epochs
+    last = epochs_done == run.config.train.epochs
+    return run.checkpoints is not None and not last and every > 0 and epochs_done % every == 0
+
+
+def _train_epoch(run: TrainingRun, state, step_fn, step: int, epoch: int, cache, stop):
+    """The rest of `epoch` from `step` (its start, or inside it when resumed); returns (state,
+    step, whether a stop was agreed at the run's last step)."""
+    config = run.config
+    done_in_epoch = step - epoch * run.steps_per_epoch
+    batches = epoch_batches(
+        run.source, epoch, done_in_epoch * config.train.batch_size, config, cache
+    )
+    bar = tqdm.tqdm(
+        total=run.steps_per_epoch,
+        initial=done_in_epoch,
+        desc=f"{run.label} epoch {epoch + 1}/{config.train.epochs}".strip(),
+        disable=jax.process_index() != 0,
+        leave=False,
+    )
+    pending, stopped = None, False  # pending: (step, metrics, filenames, rate), checked late
+    t0, images_seen = time.time(), 0
+    for local in batches:
+        inputs = step_inputs(local, stop.requested())
+        state, step_metrics = step_fn(state, run.backbone, sharding.global_batch(inputs, run.mesh))
+        step += 1
+        images_seen += len(local["filename"]) * jax.process_count()
+        latest = (step, step_metrics, local["filename"], images_seen / (time.time() - t0))
+        if pending is not None:
+            stopped = _stop_agreed(run, pending, latest, step, state)
+        pending = latest
+        bar.update(1)
+    bar.close()
+    if pending is not None:
+        stopped = _stop_agreed(run, pending, pending, step, state) or stopped
+    return state, step, stopped
+
+
+def _stop_agreed(run: TrainingRun, checked: tuple, latest: tuple, step: int, state) -> bool:
+    """Logs the `checked` step; True when any process asked to stop in its batch (all processes
+    see the same value after the same step). Before the last step, saves `state` as `step`
+    (the `latest` step, logged too) and raises Interrupted; a run without checkpoints raises
+    Interrupted at any step."""
+    run.record_step(checked)
+    if not bool(checked[1]["stop"]):
+        return False
+    if run.checkpoints is None:
+        raise Interrupted(
+            f"stopped at step {step} of {run.label or 'a run without checkpoints'}, which keeps "
+            "no checkpoint; run the same command again to start it again"
+        )
+    if step < run.total_steps:
+        if latest is not checked:
+            run.record_step(latest)
+        run.save(step, state)
+        raise Interrupted(f"stopped at step {step}; run the same command again to continue")
+    return True  # the last step: training is complete, the caller saves it as final

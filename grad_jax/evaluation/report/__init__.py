@@ -1,7 +1,8 @@
 """The per-run visual report.
 
 `write_report` turns the evaluation of a run (one `evaluate.CategoryEval` per category, the flat
-metrics dict and the decision threshold) into `<workdir>/report/`:
+metrics dict, the decision threshold and, when the run chose its recipe, the selection record of
+metrics.json) into `<workdir>/report/`:
 
 - `index.html`: self-contained page (inline CSS, relative links to the PNGs, no scripts): the
   per-category metrics table, the decision threshold and where it came from, the test-set
@@ -11,11 +12,13 @@ metrics dict and the decision threshold) into `<workdir>/report/`:
 - `scores_<category>.png`: histograms of the image scores of good and defective test images;
 - `examples_<category>.png`: the best detections, the misses and the false alarms, each as the
   image with its ground-truth outline next to the heat-map overlay;
-- `report.json`: the files written, the examples shown and the plots skipped.
+- `report.json`: the files written, the examples shown, the plots skipped and, when the run
+  chose its recipe, the selection record that the page's "Recipe selection" section shows.
 
-The figures are drawn by `report.figures`, the page written by `report.html`. Every file is
-written to a temporary name and renamed, and `index.html` last, so an interrupted report leaves
-the previous complete one in place.
+The figures are drawn by `report.figures`, the page written by `report.html` (its recipe
+selection section by `report.selection`). Every file is written to a temporary name and
+renamed, and `index.html` last, so an interrupted report leaves the previous complete one in
+place.
 """
 
 from __future__ import annotations
@@ -130,8 +133,11 @@ def _category_section(
     out.sections.append("\n".join(part))
 
 
-def _write_manifest(out_dir: str, run_name: str, out: _Contents, threshold_value) -> None:
-    """report.json: the files written, the figures, the examples shown and the notes."""
+def _write_manifest(
+    out_dir: str, run_name: str, out: _Contents, threshold_value, selection: dict | None
+) -> None:
+    """report.json: the files written, the figures, the examples shown, the notes and the
+    recipe selection (when there was one)."""
     manifest = {
         "run": run_name,
         "files": out.figures + ["report.json", "index.html"],
@@ -140,6 +146,8 @@ def _write_manifest(out_dir: str, run_name: str, out: _Contents, threshold_value
         "threshold": threshold_value,
         "notes": out.notes,
     }
+    if selection:
+        manifest["selection"] = selection
     atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(manifest, indent=1) + "\n")
 
 
@@ -149,15 +157,19 @@ def write_report(
     metrics: dict[str, float],
     threshold: dict | None,
     *,
+    selection: dict[str, Any] | None = None,
     max_plot_pixels: int = PLOT_PIXELS,
 ) -> str:
     """Writes `<workdir>/report/` (see the module docstring); returns the path of index.html.
 
     `results`: one `evaluate.CategoryEval` per category (entry i of its arrays is `source[i]`);
-    `metrics`: flat `"<category>/<metric>"` values as `metrics.evaluate` returns them (nan
+    `metrics`: flat `"<category>/<metric>"` values as `metrics.summarise` returns them (nan
     allowed); `threshold`: the run's decision threshold dict (`image_score`, `quantile`,
-    `num_images`, `per_category`, `source`), or None when unknown; `max_plot_pixels`: pixels
-    per category above which its plotted PRO curve is drawn from a sample.
+    `num_images`, `per_category`, `source`), or None when unknown; `selection`: the recipe
+    selection's record as in metrics.json (`candidates`, `winner`, `skipped`, `validation`,
+    `figure`, `reused_probe`), or None when the run did not choose its recipe;
+    `max_plot_pixels`: pixels per category above which its plotted PRO curve is drawn from a
+    sample.
     """
     metrics = dict(metrics or {})
     results = list(results)
@@ -170,9 +182,13 @@ def write_report(
     taken: set[str] = set()
     for r in results:
         _category_section(out, out_dir, r, safe_name(r.name, taken), metrics, threshold)
-    _write_manifest(out_dir, run_name, out, figures.finite((threshold or {}).get("image_score")))
+    threshold_value = figures.finite((threshold or {}).get("image_score"))
+    _write_manifest(out_dir, run_name, out, threshold_value, selection)
     index = os.path.join(out_dir, "index.html")
-    contents = dict(nav=out.nav, overview=out.overview, sections=out.sections, notes=out.notes)
+    contents = dict(
+        nav=out.nav, overview=out.overview, sections=out.sections, notes=out.notes,
+        selection=selection,
+    )  # fmt: skip
     atomic_write_text(index, html.page(run_name, results, metrics, threshold, **contents))
     log.info("report written to %s", index)
     return index

@@ -21,6 +21,7 @@ from grad_jax.evaluation.report.figures import (
     MAP_PERCENTILES,
     finite,
 )
+from grad_jax.evaluation.report.selection import selection_section
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto;
@@ -342,9 +343,11 @@ def page(
     overview: list[str],
     sections: list[str],
     notes: list[str],
+    selection: dict[str, Any] | None = None,
 ) -> str:
     """The whole of index.html: title, navigation, metrics table, thresholds, the curves
-    (`overview`), one section per category and the notes."""
+    (`overview`), one section per category, the notes and, when the run chose its recipe, the
+    `selection` record's section."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = [
         "<!DOCTYPE html>",
@@ -367,5 +370,7 @@ def page(
         body.append("<h2>Notes</h2><ul>")
         body += [f"<li>{html.escape(n)}</li>" for n in notes]
         body.append("</ul>")
+    if selection:
+        body.append(selection_section(selection))
     body.append("</body></html>")
     return "\n".join(x for x in body if x) + "\n"
