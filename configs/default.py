@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = _data()
     config.train = _train()
     config.threshold = _threshold()
+    config.knn = _knn()
     # Label-free recipe selection (grad_jax/selection.py): '' = off (train the recipe above);
     # 'auto' = this recipe against selection.candidates; or a comma list such as 'lite1@224'.
     config.select = ""
@@ -49,6 +50,10 @@ def _model() -> ml_collections.ConfigDict:
     # TF32 as the reference's convolutions ran on its Ampere GPUs (README: Precision).
     m.precision = "tensorfloat32"
     m.depthwise_impl = "auto"  # 'auto' | 'shifted' | 'xla'
+    # What the deployed model scores with: 'grad' (the method), 'knn' (the nearest-neighbour
+    # baseline on the same backbone features) or 'grad+knn' (both maps standardised by the
+    # held-out normal images' statistics, averaged). Evaluation reports all three.
+    m.kind = "grad"
     return m
 
 
@@ -94,8 +99,26 @@ def _train() -> ml_collections.ConfigDict:
 def _threshold() -> ml_collections.ConfigDict:
     th = ml_collections.ConfigDict()
     th.holdout_fraction = 0.1  # normal training images held out to set the decision threshold
-    th.quantile = 0.99
+    # Each class's threshold is the conformal quantile of its held-out normal scores, which bounds
+    # the false-alarm rate on normal parts by this target (inference/conformal.py); a class with
+    # too few held-out images (fewer than 1/target - 1) gets its largest score and a warning.
+    th.target_false_alarm = 0.01
+    # Class recognition rejects an image farther from its nearest class centre than this many
+    # times the farthest of that class's training images (an unknown kind of part: no decision).
+    # 1.5 keeps every known test image of the demo (defects up to 1.22x) and rejects other
+    # classes (from 1.85x); 0 = never reject.
+    th.class_margin = 1.5
     return th
+
+
+def _knn() -> ml_collections.ConfigDict:
+    k = ml_collections.ConfigDict()
+    # The memory bank: this share of the training patch features (3x3-averaged neck features),
+    # chosen by greedy k-center coreset at the end of training; 0 disables the baseline.
+    k.fraction = 0.1
+    k.patch_size = 3
+    k.projection_dim = 0  # >0: coreset distances on a random projection (faster, approximate)
+    return k
 
 
 def _selection() -> ml_collections.ConfigDict:

@@ -23,6 +23,7 @@ from grad_jax.devices import sharding
 from grad_jax.devices.precision import PRECISIONS
 from grad_jax.errors import ConfigError, MissingFileError
 from grad_jax.models.efficientnet import VARIANTS
+from grad_jax.models.knn import KINDS
 from grad_jax.models.layers import DEPTHWISE_IMPLS
 
 #: `data.image_size='auto'`: measured on the training images (see `input_pipeline`).
@@ -98,6 +99,7 @@ def validate_config(config: ml_collections.ConfigDict, *, training: bool = True)
         e.smooth_size >= 1 and e.smooth_size % 2 == 1, "eval.smooth_size must be odd and >= 1"
     )
     problems.need(e.score_pool >= 1, "eval.score_pool must be >= 1")
+    _check_kind(config, problems)
     if training:
         _check_training(config, problems)
     if problems:
@@ -122,6 +124,29 @@ def _check_model(m: ml_collections.ConfigDict, problems: _Problems) -> None:
             m.out_stride in (1, 2, 4, 8, 16, 32) and m.out_stride <= finest,
             f"model.out_stride={m.out_stride}: a power of two no larger than {finest}",
         )
+
+
+def _check_kind(config: ml_collections.ConfigDict, problems: _Problems) -> None:
+    kind = config.model.get("kind", "grad")  # absent in run folders from before the field
+    problems.need(kind in KINDS, f"model.kind={kind!r}: one of {', '.join(KINDS)}")
+    knn = config.get("knn")
+    if knn is None:
+        problems.need(kind == "grad", f"model.kind={kind!r} needs the knn section of the config")
+        return
+    problems.need(0 <= knn.fraction <= 1, f"knn.fraction={knn.fraction}: in [0, 1] (0: off)")
+    problems.need(
+        knn.patch_size >= 1 and knn.patch_size % 2 == 1, "knn.patch_size must be odd and >= 1"
+    )
+    problems.need(knn.projection_dim >= 0, "knn.projection_dim must be >= 0 (0: exact)")
+    problems.need(
+        kind == "grad" or knn.fraction > 0,
+        f"model.kind={kind!r} needs the memory bank: set knn.fraction > 0",
+    )
+    problems.need(
+        kind != "grad+knn" or config.threshold.holdout_fraction > 0,
+        "model.kind='grad+knn' standardises both maps by held-out normal images: set "
+        "threshold.holdout_fraction > 0",
+    )
 
 
 def _check_data(config: ml_collections.ConfigDict, problems: _Problems) -> None:
@@ -167,7 +192,16 @@ def _check_training(config: ml_collections.ConfigDict, problems: _Problems) -> N
     need(t.epochs > 0, f"train.epochs={t.epochs} must be positive")
     need(t.cache_features in ("auto", "on", "off"), "train.cache_features: auto, on or off")
     need(0 <= config.threshold.holdout_fraction < 1, "threshold.holdout_fraction in [0, 1)")
-    need(0 < config.threshold.quantile <= 1, "threshold.quantile in (0, 1]")
+    target = config.threshold.get("target_false_alarm")
+    need(
+        isinstance(target, int | float) and 0 < target < 1,
+        f"threshold.target_false_alarm={target!r}: a false-alarm rate in (0, 1), e.g. 0.01",
+    )
+    margin = config.threshold.get("class_margin", 0.0)  # absent in older run folders
+    need(
+        isinstance(margin, int | float) and (margin == 0 or margin >= 1),
+        f"threshold.class_margin={margin!r}: 0 (never reject a class) or at least 1",
+    )
     need(t.lr_step_epochs > 0, "train.lr_step_epochs must be positive")
     try:
         sharding.check_batch_size(t.batch_size, "train.batch_size")

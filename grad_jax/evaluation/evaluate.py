@@ -26,6 +26,8 @@ from grad_jax.evaluation.report import write_report
 from grad_jax.files import atomic_write_json
 from grad_jax.inference import device_program
 from grad_jax.inference.decisions import nearest_centre
+from grad_jax.inference.scorer import finish_maps
+from grad_jax.models import knn
 from grad_jax.runs import run_folder
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,14 @@ class CategoryEval(metrics.CategoryResults):
     source: Any = None  # IndexedSource, to re-read images for the report
     folder_labels: np.ndarray | None = None  # [N] 0 for test/good, 1 for test/<defect>
     pooled: np.ndarray | None = None  # [N, D] pooled backbone features (class recognition)
+    # Every model kind scored on the split: kind -> (scores [N], smoothed maps [N, H, W]); the
+    # fields above hold the run's own kind (`model.kind`).
+    kinds: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+    def as_kind(self, kind: str) -> CategoryEval:
+        """This category as scored by `kind` (one of `kinds`)."""
+        scores, maps = self.kinds[kind]
+        return dataclasses.replace(self, scores=scores, maps=maps, kinds={})
 
     def label_disagreements(self) -> list[str]:
         """Files whose mask-derived label differs from their folder's (masked images only)."""
@@ -69,40 +79,73 @@ def predict_items(
     bar.close()
 
 
+def available_kinds(outputs: dict[str, Any], map_stats: dict | None) -> list[str]:
+    """The model kinds a predict program's outputs (with 'raw_<kind>' maps) can be scored as."""
+    kinds = [k for k in ("grad", "knn") if f"raw_{k}" in outputs]
+    if len(kinds) == 2 and map_stats:
+        kinds.append("grad+knn")
+    return kinds
+
+
+def score_kinds(
+    outputs: dict[str, np.ndarray], config: ml_collections.ConfigDict, map_stats: dict | None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """kind -> (image scores `[B]`, smoothed maps `[B, H, W]`) of a batch of program outputs
+    with every kind's raw map ('raw_grad', 'raw_knn'): each kind's map (`knn.kind_map`)
+    smoothed and scored by the evaluation recipe."""
+    maps = {k[len("raw_") :]: v for k, v in outputs.items() if k.startswith("raw_")}
+    out = {}
+    for kind in available_kinds(outputs, map_stats):
+        raw = knn.kind_map(kind, maps, map_stats)
+        smoothed, scores = finish_maps(raw, config.eval.smooth_size, config.eval.score_pool)
+        out[kind] = (scores, smoothed)
+    return out
+
+
 def evaluate_categories(
     predict: Callable,
     categories: Sequence[input_pipeline.CategoryData],
     config: ml_collections.ConfigDict,
+    map_stats: dict | None = None,
 ) -> list[CategoryEval]:
-    """Score every test image of every category. With tiling, images are read at their tiling
-    scale and scored by their stitched maps; maps and masks are then at that size."""
+    """Score every test image of every category, as every model kind the program's outputs
+    allow (`predict` from `make_predict_fn(..., all_kinds=True)`; `map_stats` for 'grad+knn').
+    With tiling, images are read at their tiling scale and scored by their stitched maps; maps
+    and masks are then at that size."""
     names = [c.name for c in categories]
     predict = device_program.whole_image_fn(predict, config)
     tests = [x.test for x in categories]
+    kind = config.model.get("kind", "grad")
     results = []
     for c, cat in enumerate(categories):
         items = input_pipeline.test_items(categories, c)
         size = input_pipeline.eval_image_size(config, tests, items)
         source = input_pipeline.IndexedSource(tests, items, size, names)
-        scores, maps, masks, files, known, folder, pooled = [], [], [], [], [], [], []
+        by_kind: dict[str, list] = {}
+        masks, files, known, folder, pooled = [], [], [], [], []
         for inputs, outputs in predict_items(
             predict, source, config.eval.batch_size, f"eval {cat.name}"
         ):
-            scores.append(outputs["score"])
-            maps.append(outputs["smoothed"])
+            for k, scored in score_kinds(outputs, config, map_stats).items():
+                by_kind.setdefault(k, []).append(scored)
             masks.append(inputs["mask"])
             known.append(inputs["has_mask"])
             folder.append(inputs["label"])
             pooled.append(outputs["pooled"])
             files.extend(inputs["filename"].tolist())
+        kinds = {
+            k: (np.concatenate([s for s, _ in parts]), np.concatenate([m for _, m in parts]))
+            for k, parts in by_kind.items()
+        }
         masks_np = np.concatenate(masks)
         has_mask = np.concatenate(known).astype(bool)
         folder_labels = np.concatenate(folder).astype(np.int32)
+        scores, maps = kinds[kind]
         results.append(
             CategoryEval(
-                np.concatenate(scores),
+                scores,
                 image_labels(masks_np, has_mask, folder_labels),
-                np.concatenate(maps),
+                maps,
                 masks_np,
                 has_mask,
                 name=cat.name,
@@ -110,6 +153,7 @@ def evaluate_categories(
                 source=source,
                 folder_labels=folder_labels,
                 pooled=np.concatenate(pooled),
+                kinds=kinds,
             )
         )
     return results
@@ -126,11 +170,10 @@ def image_labels(masks: np.ndarray, has_mask: np.ndarray, folder_labels: np.ndar
 
 
 def compute_metrics(
-    results: Sequence[CategoryEval], threshold: float | None = None
+    results: Sequence[CategoryEval], threshold: dict | float | None = None
 ) -> tuple[dict[str, float], list[str]]:
-    """`metrics.summarise` of every category, plus, when a decision `threshold` (image score) is
-    known, `<category>/false_alarm_rate`: the share of good test images at or above it (the one
-    figure a test split of good images only can give)."""
+    """`metrics.summarise` of every category, plus the decision figures at the threshold each
+    class is decided with (`decision_rates`) when a `threshold` is known."""
     values, notes = metrics.summarise({r.name: r for r in results})
     for r in results:
         files = r.label_disagreements()
@@ -143,14 +186,47 @@ def compute_metrics(
                 + (" ..." if len(files) > 10 else "")
             )
     if threshold is not None:
-        rates = []
-        for r in results:
-            value = metrics.false_alarm_rate(r.labels, r.scores, threshold)
-            values[f"{r.name}/false_alarm_rate"] = value
-            if not np.isnan(value):
-                rates.append(value)
-        values["mean/false_alarm_rate"] = float(np.mean(rates)) if rates else float("nan")
+        values.update(decision_rates(results, threshold))
     return values, notes
+
+
+def applied_threshold(threshold: dict | float, category: str) -> tuple[float | None, float | None]:
+    """(threshold, guaranteed false-alarm rate or None) that images of `category` are decided
+    with: the class's own, else the run's (`threshold` as calibration stores it), or a number."""
+    if not isinstance(threshold, dict):
+        return float(threshold), None
+    own = (threshold.get("per_category") or {}).get(category)
+    guarantees = threshold.get("guarantee") or {}
+    if own is not None:
+        g = (guarantees.get("per_category") or {}).get(category) or {}
+        return float(own), g.get("guarantee")
+    run = threshold.get("image_score")
+    return (
+        (None, None)
+        if run is None
+        else (float(run), (guarantees.get("run") or {}).get("guarantee"))
+    )
+
+
+def decision_rates(results: Sequence[CategoryEval], threshold: dict | float) -> dict[str, float]:
+    """At the threshold each class's test images are decided with (`applied_threshold`):
+    '<category>/false_alarm_rate' (share of its good test images flagged), '/miss_rate' (share
+    of its defective images passed), '/false_alarm_guarantee' (what the threshold's rule
+    guarantees, when known), and their unweighted means over classes ('mean/...')."""
+    values: dict[str, float] = {}
+    for r in results:
+        t, guarantee = applied_threshold(threshold, r.name)
+        if t is None:
+            continue
+        values[f"{r.name}/false_alarm_rate"] = metrics.false_alarm_rate(r.labels, r.scores, t)
+        values[f"{r.name}/miss_rate"] = metrics.miss_rate(r.labels, r.scores, t)
+        if guarantee is not None:
+            values[f"{r.name}/false_alarm_guarantee"] = float(guarantee)
+    for key in ("false_alarm_rate", "miss_rate", "false_alarm_guarantee"):
+        found = [v for k, v in values.items() if k.endswith("/" + key) and not np.isnan(v)]
+        if any(k.endswith("/" + key) for k in values):
+            values[f"mean/{key}"] = float(np.mean(found)) if found else float("nan")
+    return values
 
 
 def label_report(results: Sequence[CategoryEval]) -> dict[str, Any]:
@@ -169,11 +245,6 @@ def label_report(results: Sequence[CategoryEval]) -> dict[str, Any]:
     if unmasked:
         out["images_without_mask"] = unmasked
     return out
-
-
-def _threshold_value(threshold: Any) -> float | None:
-    value = (threshold or {}).get("image_score") if isinstance(threshold, dict) else threshold
-    return None if value is None else float(value)
 
 
 def recognition_accuracy(
@@ -204,7 +275,7 @@ def publish(
     writes; every process gets the values). `info` goes into metrics.json as it is; its
     "threshold" and "selection" (a recipe selection's record) also go to the report. With class
     `centres` and several classes, the class recognition accuracy on the test images is added."""
-    values, notes = compute_metrics(results, _threshold_value(info.get("threshold")))
+    values, notes = compute_metrics(results, info.get("threshold"))
     if centres and len(results) > 1:
         recognition = recognition_accuracy(results, centres)
         values.update(recognition)
@@ -213,15 +284,82 @@ def publish(
                 "class recognition (nearest class centre) on the test images: "
                 + ", ".join(f"{k.split('/')[0]} {100 * v:.1f}%" for k, v in recognition.items())
             )
+    kinds = kind_metrics(results, info)
     if jax.process_index() == 0:
-        write_metrics(workdir, values, notes, {**label_report(results), **info})
+        extra = {**label_report(results), **info, "kinds": _as_json(kinds)}
+        write_metrics(workdir, values, notes, extra)
         print(metrics.format_table(values))
+        if len(kinds) > 1:
+            print(kinds_table(kinds, info.get("kind")))
         for note in notes:
             print("note:", note)
         write_report(
-            workdir, results, values, info.get("threshold"), selection=info.get("selection")
+            workdir,
+            results,
+            values,
+            info.get("threshold"),
+            selection=info.get("selection"),
+            kinds=kinds,
+            kind=info.get("kind"),
         )
     return values
+
+
+#: The figures compared across model kinds: (key, title), means over classes.
+KIND_COLUMNS = (
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("pixel_aupro", "AUPRO"),
+    ("false_alarm_rate", "false alarms"),
+    ("false_alarm_guarantee", "guaranteed"),
+    ("miss_rate", "misses"),
+)
+
+
+def decision_info(meta: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What metrics.json and the report say of a model's decisions: its threshold, its kind and
+    every kind's thresholds (as calibration stored them in the run's `meta`)."""
+    return {
+        "threshold": meta.get("threshold"),
+        "kind": config.model.get("kind", "grad"),
+        "kinds": meta.get("kinds") or {},
+    }
+
+
+def kind_metrics(results: Sequence[CategoryEval], info: dict[str, Any]) -> dict[str, dict]:
+    """kind -> flat metric values of every model kind the results hold, each decided at its own
+    thresholds (`info["kinds"][kind]["threshold"]`, as calibration stores them; the run's own
+    kind at `info["threshold"]`)."""
+    if not results or not results[0].kinds:
+        return {}
+    thresholds = {k: (v or {}).get("threshold") for k, v in (info.get("kinds") or {}).items()}
+    out = {}
+    for kind in results[0].kinds:
+        threshold = thresholds.get(kind)
+        if threshold is None and kind == info.get("kind"):
+            threshold = info.get("threshold")
+        out[kind], _ = compute_metrics([r.as_kind(kind) for r in results], threshold)
+    return out
+
+
+def kinds_table(kinds: dict[str, dict], deployed: str | None) -> str:
+    """The model kinds side by side (means over classes), as plain text."""
+    rows = [f"{'kind':<10}" + "".join(f"{title:>14}" for _, title in KIND_COLUMNS)]
+    for kind, values in kinds.items():
+        cells = []
+        for key, _ in KIND_COLUMNS:
+            v = values.get(f"mean/{key}", float("nan"))
+            cells.append(f"{'n/a' if np.isnan(v) else f'{100 * v:.1f}':>14}")
+        mark = " (this run's kind)" if kind == deployed else ""
+        rows.append(f"{kind:<10}" + "".join(cells) + mark)
+    return "model kinds on the test split (means over classes, %):\n" + "\n".join(rows)
+
+
+def _as_json(kinds: dict[str, dict]) -> dict[str, dict]:
+    return {
+        kind: {k: (metrics.NOT_AVAILABLE if np.isnan(v) else float(v)) for k, v in values.items()}
+        for kind, values in kinds.items()
+    }
 
 
 def write_metrics(
@@ -263,9 +401,10 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
     trained = run_folder.load_trained(workdir, config=config)
     config = trained.config
     categories = input_pipeline.open_categories(config)
-    predict = device_program.make_predict_fn(trained.variables, config)
-    results = evaluate_categories(predict, categories, config)
-    info = {"model": f"checkpoint step {trained.step}", "threshold": trained.meta.get("threshold")}
+    stats = device_program.map_stats(trained.meta)
+    predict = device_program.make_predict_fn(trained.variables, config, None, stats, all_kinds=True)
+    results = evaluate_categories(predict, categories, config, stats)
+    info = {"model": f"checkpoint step {trained.step}", **decision_info(trained.meta, config)}
     selection = run_folder.read_selection(workdir)
     if selection is not None:
         info["selection"] = run_folder.selection_summary(selection)

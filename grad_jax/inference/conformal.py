@@ -63,7 +63,7 @@ class ConformalThreshold:
         """The guarantee in words."""
         bound = f"{100 * self.guarantee:.3g}%"
         text = (
-            f"the {self.k}-th smallest of {self.n} held-out normal scores: a normal part is "
+            f"the {_ordinal(self.k)} smallest of {self.n} held-out normal scores: a normal part is "
             f"flagged with probability at most {bound}"
         )
         if not self.reached:
@@ -75,6 +75,12 @@ class ConformalThreshold:
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "text": self.describe()}
+
+
+def _ordinal(k: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, 21st, ..."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
 
 
 def conformal_threshold(scores: Sequence[float] | np.ndarray, alpha: float) -> ConformalThreshold:

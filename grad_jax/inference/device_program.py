@@ -19,41 +19,87 @@ from jax.experimental import multihost_utils
 from grad_jax.config import tiling_on
 from grad_jax.devices import sharding
 from grad_jax.devices.precision import with_precision
+from grad_jax.errors import ConfigError
 from grad_jax.inference.scorer import ScoringSpec, score_tiles
-from grad_jax.models import scoring
+from grad_jax.models import knn, scoring
 from grad_jax.models.model import ModelVariables, pool_features
 
 
 def predict_program(
-    variables: ModelVariables, config: ml_collections.ConfigDict
+    variables: ModelVariables,
+    config: ml_collections.ConfigDict,
+    map_stats: dict[str, dict[str, float]] | None = None,
+    all_kinds: bool = False,
 ) -> Callable[..., dict[str, jax.Array]]:
     """The traced predict computation, shared by `make_predict_fn` and `grad_jax.export`:
-    (backbone, params, batch_stats, images `[B, H, W, 3]` uint8) -> {'raw', 'smoothed':
+    (backbone, params, batch_stats, bank, images `[B, H, W, 3]` uint8) -> {'raw', 'smoothed':
     `[B, H, W]` float32, 'score': `[B]`, 'pooled': `[B, D]`}.
 
-    'raw' is the anomaly map as the model outputs it (upsampled distance, no smoothing);
-    'smoothed' the map the score is computed from; 'pooled' the backbone's stage outputs
-    averaged over positions (class recognition). The input normalisation is inside.
+    'raw' is the anomaly map of the model's kind (`model.kind`: GRAD's upsampled distance, the
+    nearest-neighbour map to the memory `bank`, or both standardised by `map_stats` and
+    averaged; `models.knn.kind_map`), before smoothing; 'smoothed' the map the score is computed
+    from; 'pooled' the backbone's stage outputs averaged over positions (class recognition). The
+    input normalisation is inside. With `all_kinds`, also 'raw_grad' and (with a bank)
+    'raw_knn': every kind's raw map, for evaluation and calibration.
     """
     size, pool = config.eval.smooth_size, config.eval.score_pool
+    kind = config.model.get("kind", "grad")  # absent in run folders from before the field
+    has_bank = variables.bank is not None
+    if kind != "grad" and not has_bank:
+        raise ConfigError(
+            f"model.kind={kind!r} needs the kNN memory bank, which this model does not hold "
+            "(trained with knn.fraction = 0, or before the baseline existed): retrain it"
+        )
+    want = {"grad": all_kinds or kind != "knn", "knn": has_bank and (all_kinds or kind != "grad")}
+    # Calibration scores every kind before the statistics 'grad+knn' needs exist; its 'raw'
+    # then holds GRAD's map (it reads the 'raw_<kind>' maps only).
+    primary = "grad" if all_kinds and kind == "grad+knn" and not map_stats else kind
+    knn_section = config.get("knn")
+    patch_size = knn_section.patch_size if knn_section is not None else 3
+    stride = config.model.out_stride
 
-    def predict(backbone, params, stats, images):
+    def predict(backbone, params, stats, bank, images):
         model = variables.merge(backbone, params, stats)
         features = model.extract(images)
-        out = model.from_features(features, train=False)
-        smoothed = scoring.smooth(out.anomaly_map, size)
-        return {
-            "raw": out.anomaly_map.astype(jax.numpy.float32),
+        maps = {}
+        if want["grad"]:
+            maps["grad"] = model.from_features(features, train=False).anomaly_map
+            maps["grad"] = maps["grad"].astype(jax.numpy.float32)
+        if want["knn"]:
+            x = model.neck(features)
+            maps["knn"] = knn.knn_map(x, bank, upsample=stride, patch_size=patch_size)
+        raw = knn.kind_map(primary, maps, map_stats)
+        smoothed = scoring.smooth(raw, size)
+        out = {
+            "raw": raw,
             "smoothed": smoothed,
             "score": scoring.image_scores(smoothed, pool),
             "pooled": pool_features(features),
         }
+        if all_kinds:
+            out.update({f"raw_{k}": v for k, v in maps.items()})
+        return out
 
     return predict
 
 
+def map_stats(meta: dict) -> dict[str, dict[str, float]] | None:
+    """The held-out normal images' per-kind map statistics stored with a model ('grad+knn')."""
+    return (meta.get("knn") or {}).get("map_stats")
+
+
+def program_weights(variables: ModelVariables) -> tuple:
+    """The program's weight arguments (backbone, params, batch_stats, bank) of `variables`."""
+    bank = None if variables.bank is None else jax.numpy.asarray(variables.bank, jax.numpy.float32)
+    return (variables.backbone, variables.params, variables.batch_stats, bank)
+
+
 def make_predict_fn(
-    variables: ModelVariables, config: ml_collections.ConfigDict, mesh=None
+    variables: ModelVariables,
+    config: ml_collections.ConfigDict,
+    mesh=None,
+    map_stats: dict[str, dict[str, float]] | None = None,
+    all_kinds: bool = False,
 ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """images `[B, H, W, 3]` uint8 (host) -> the outputs of `predict_program` as numpy arrays.
 
@@ -61,12 +107,12 @@ def make_predict_fn(
     """
     mesh = mesh or sharding.make_mesh()
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    predict = predict_program(variables, config)
+    predict = predict_program(variables, config, map_stats, all_kinds)
     jitted = with_precision(
-        jax.jit(predict, in_shardings=(rep, rep, rep, data), out_shardings=data),
+        jax.jit(predict, in_shardings=(rep, rep, rep, rep, data), out_shardings=data),
         config.model.get("precision", "default"),  # run folders from before the field
     )
-    placed = sharding.replicate((variables.backbone, variables.params, variables.batch_stats), mesh)
+    placed = sharding.replicate(program_weights(variables), mesh)
     return _on_host(jitted, placed, mesh)
 
 

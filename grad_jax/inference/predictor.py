@@ -42,7 +42,8 @@ class Predictor(Scorer):
         self.config = config
         self.step = step
         self.workdir = workdir
-        predict = device_program.make_predict_fn(variables, config)
+        stats = device_program.map_stats(meta or {})
+        predict = device_program.make_predict_fn(variables, config, map_stats=stats)
         program = device_program.PaddedProgram(predict, batch_size)
         super().__init__(program, ScoringSpec.from_config(config), meta or {}, batch_size)
 

@@ -298,3 +298,31 @@ def knn_map(
     patches = patch_features(x, patch_size).reshape(b * h * w, c)
     distance = nearest_distances(patches, bank, **chunks).reshape(b, h, w)
     return resize_align_corners(distance, (h * upsample, w * upsample))
+
+
+# --------------------------------------------------------------------------------------------
+# Model kinds: which map the deployed model scores with.
+# --------------------------------------------------------------------------------------------
+
+#: 'grad': the method's map; 'knn': the nearest-neighbour map; 'grad+knn': both standardised by
+#: the held-out normal images' pixel statistics and averaged.
+KINDS = ("grad", "knn", "grad+knn")
+
+
+def kind_map(
+    kind: str, maps: dict[str, jax.Array], stats: dict[str, dict[str, float]] | None = None
+) -> jax.Array:
+    """The raw map of `kind` from the per-kind raw maps `maps` ('grad', 'knn': `[B, H, W]`).
+
+    'grad+knn' is the mean of the two maps standardised by `stats` ({'grad': {'mean', 'std'},
+    'knn': {...}}: each kind's pixel mean and standard deviation over the held-out normal
+    images' raw maps), so neither map dominates by its units.
+    """
+    if kind in ("grad", "knn"):
+        return maps[kind]
+    if kind != "grad+knn":
+        raise ConfigError(f"model.kind={kind!r}: one of {', '.join(KINDS)}")
+    if not stats:
+        raise ConfigError("model.kind='grad+knn' needs the held-out normal images' map statistics")
+    z = [(maps[k] - stats[k]["mean"]) / max(stats[k]["std"], 1e-12) for k in ("grad", "knn")]
+    return (z[0] + z[1]) / 2.0

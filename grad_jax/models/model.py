@@ -164,13 +164,15 @@ def from_flat(template: nnx.State, flat: dict[str, jax.Array]) -> nnx.State:
 
 @dataclasses.dataclass
 class ModelVariables:
-    """A model as a graph definition plus flat variable dicts (the functional boundary)."""
+    """A model as a graph definition plus flat variable dicts (the functional boundary), and
+    the nearest-neighbour baseline's memory bank once training has made one (`models.knn`)."""
 
     graphdef: Any
     templates: tuple[Any, Any, Any]  # nnx.State of backbone, params, batch stats
     backbone: dict[str, jax.Array]
     params: dict[str, jax.Array]
     batch_stats: dict[str, jax.Array]
+    bank: Any = None  # [M, C] float32 patch features, or None (no baseline)
 
     @classmethod
     def from_model(cls, model: GradModel) -> ModelVariables:
@@ -180,7 +182,7 @@ class ModelVariables:
         )
 
     def replace(self, **changes: Any) -> ModelVariables:
-        """A copy with some of `backbone`, `params`, `batch_stats` replaced."""
+        """A copy with some of `backbone`, `params`, `batch_stats`, `bank` replaced."""
         return dataclasses.replace(self, **changes)
 
     def merge(self, backbone=None, params=None, batch_stats=None) -> GradModel:

@@ -1,12 +1,14 @@
 """Orbax checkpoints of a grad_jax run: the only module that knows Orbax and the item layout.
 
-A checkpoint (`<workdir>/checkpoints/<step>/`) holds four items:
+A checkpoint (`<workdir>/checkpoints/<step>/`) holds four items, and a fifth in the final one:
 - `model`: trainable params and BN statistics (flat string-keyed dicts);
 - `train`: the optimiser state and step counter (not needed for inference);
 - `backbone`: the frozen backbone's variables, so a workdir is self-contained (evaluation and
   prediction need neither the original .pth file nor the internet);
 - `meta`: JSON with the model fingerprint (everything that fixes a shape), the epoch, and the
-  decision threshold once training has finished.
+  decision threshold once training has finished;
+- `knn` (final checkpoint, when the baseline is on): the nearest-neighbour memory bank
+  `[M, C]`; its shape is in `meta["knn"]["bank_shape"]`.
 
 Orbax writes each step to a temporary folder and renames it when complete, so a process killed
 mid-save never leaves a checkpoint that looks whole. A checkpoint that is nevertheless corrupt
@@ -45,7 +47,7 @@ FINGERPRINT_FIELDS = (
 # (another batch, seed or length would silently train a different recipe).
 RESUME_FIELDS = ("seed", "train.batch_size", "train.epochs")
 
-ITEMS = ("model", "train", "backbone")
+ITEMS = ("model", "train", "backbone", "knn")
 
 
 def _items(state: TrainState, backbone: Any) -> dict[str, Any]:
@@ -135,11 +137,15 @@ class Checkpoints:
         backbone: Any,
         config: ml_collections.ConfigDict,
         meta: dict[str, Any],
+        bank: Any = None,
     ) -> None:
-        """Save `state`, the `backbone` variables and `meta` (plus the model fingerprint of
-        `config`) as checkpoint `step`."""
+        """Save `state`, the `backbone` variables, `meta` (plus the model fingerprint of
+        `config`) and the kNN memory `bank` if any as checkpoint `step`."""
         meta = {"fingerprint": fingerprint(config), **meta}
         items = _items(state, backbone)
+        if bank is not None:
+            items["knn"] = {"bank": bank}
+            meta["knn"] = {**meta.get("knn", {}), "bank_shape": list(bank.shape)}
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         self.manager.save(
             step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True
@@ -177,24 +183,38 @@ class Checkpoints:
             "model": {"params": variables.params, "batch_stats": variables.batch_stats},
             "backbone": variables.backbone,
         }
-        step, items, meta = self._restore(templates, config, step)
+        step, items, meta = self._restore(templates, config, step, with_bank=True)
         restored = variables.replace(
             backbone=items["backbone"],
             params=items["model"]["params"],
             batch_stats=items["model"]["batch_stats"],
+            bank=items.get("knn", {}).get("bank"),
         )
         return step, restored, meta
+
+    def restore_bank(self, step: int) -> Any:
+        """The kNN memory bank of checkpoint `step`, or None when it has none."""
+        shape = (self.read_meta(step).get("knn") or {}).get("bank_shape")
+        if not shape:
+            return None
+        template = {"bank": jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)}
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(knn=ocp.args.StandardRestore(template))
+        )
+        return restored["knn"]["bank"]
 
     def _restore(
         self,
         templates: dict[str, Any],
         config: ml_collections.ConfigDict,
         step: int | None = None,
+        with_bank: bool = False,
     ) -> tuple[int, dict[str, Any], dict[str, Any]]:
         """(step, items, meta) of `step`, or of the newest readable checkpoint.
 
         `templates` names the items to read (a subset of ITEMS) with concrete or abstract
-        (`jax.ShapeDtypeStruct`, with shardings) pytrees of the expected structure.
+        (`jax.ShapeDtypeStruct`, with shardings) pytrees of the expected structure;
+        `with_bank` also reads the kNN memory bank where the checkpoint's meta says it has one.
         """
         steps = [step] if step is not None else self.steps()[::-1]
         if not steps:
@@ -213,14 +233,18 @@ class Checkpoints:
                 log.warning("checkpoint %s is unreadable (%s); trying an older one", where, err)
                 continue
             check_fingerprint(meta.get("fingerprint", {}), config, where)
+            wanted = dict(abstract)
+            shape = (meta.get("knn") or {}).get("bank_shape")
+            if with_bank and shape:
+                wanted["knn"] = {"bank": jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)}
             try:
                 restored = self.manager.restore(
                     s,
                     args=ocp.args.Composite(
-                        **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+                        **{k: ocp.args.StandardRestore(v) for k, v in wanted.items()}
                     ),
                 )
-                items = {k: restored[k] for k in abstract}
+                items = {k: restored[k] for k in wanted}
             except Exception as err:  # noqa: BLE001
                 errors.append(f"step {s}: {type(err).__name__}: {err}")
                 log.warning("checkpoint %s is damaged (%s); trying an older one", where, err)

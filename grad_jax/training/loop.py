@@ -39,7 +39,7 @@ from grad_jax.models.grad_head import feature_loss
 from grad_jax.models.model import ModelVariables, build_model, split_model, to_flat
 from grad_jax.runs import checkpointing, run_folder
 from grad_jax.runs.train_state import TrainState
-from grad_jax.training import calibration, feature_cache
+from grad_jax.training import calibration, feature_cache, knn_bank
 from grad_jax.training.optim import make_optimizer
 from grad_jax.training.run_records import MetricsLog, StopFlag
 
@@ -143,7 +143,9 @@ class TrainingRun:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.config.train.epochs
 
-    def save(self, step: int, state: TrainState, final: bool = False, extra=None) -> None:
+    def save(
+        self, step: int, state: TrainState, final: bool = False, extra=None, bank=None
+    ) -> None:
         record = {
             "step": step,
             "epoch": step / self.steps_per_epoch,
@@ -152,7 +154,7 @@ class TrainingRun:
             "run": self.run_values,
             **(extra or {}),
         }
-        self.checkpoints.save(step, state, self.backbone, self.config, record)
+        self.checkpoints.save(step, state, self.backbone, self.config, record, bank)
 
     def record_step(self, pending: tuple) -> None:
         """Check and log a finished step: `(step, metrics, filenames, images per second)`."""
@@ -258,41 +260,59 @@ def train_and_evaluate(
     final = run.variables.replace(
         backbone=run.backbone, params=state.params, batch_stats=state.batch_stats
     )
-    predict = device_program.make_predict_fn(final, config, run.mesh)
+    if knn_bank.enabled(config):  # the nearest-neighbour baseline's memory bank
+        if done:
+            bank = run.checkpoints.restore_bank(run.total_steps)
+        else:
+            features = None if cache is None else cache[0]
+            bank = knn_bank.build_bank(final, features, run.source, config, run.mesh)
+        final = final.replace(bank=bank)
     if not done:
-        meta = _calibrate_and_save(run, state, final, predict, categories, held_items, cache)
+        meta = _calibrate_and_save(run, state, final, categories, held_items, cache)
     run.checkpoints.close()
     if stopped:
         raise Interrupted(
             f"stopped after the last step; training is complete and saved (step "
             f"{run.total_steps}). Run the same command again to evaluate."
         )
-    results = evaluate.evaluate_categories(predict, categories, config)
+    stats = device_program.map_stats(meta)
+    predict = device_program.make_predict_fn(final, config, run.mesh, stats, all_kinds=True)
+    results = evaluate.evaluate_categories(predict, categories, config, stats)
     info = {
         "model": f"final (epoch {config.train.epochs}), not selected on the test set",
-        "threshold": meta.get("threshold"),
+        **evaluate.decision_info(meta, config),
         "step": run.total_steps,
         **(extra_info or {}),
     }
     return evaluate.publish(workdir, results, info, meta.get("class_centres"))
 
 
-def _calibrate_and_save(run, state, final, predict, categories, held_items, cache) -> dict:
-    """The decision threshold and class centres of the final model, saved with it as the final
-    checkpoint; returns that checkpoint's meta."""
+def _calibrate_and_save(run, state, final, categories, held_items, cache) -> dict:
+    """The decision thresholds and map statistics of every model kind and the class centres of
+    the final model, saved with it (and its kNN memory bank) as the final checkpoint; returns
+    that checkpoint's meta."""
     config = run.config
+    predict = device_program.make_predict_fn(final, config, run.mesh, all_kinds=True)
+    calibrated = calibration.calibrate_kinds(predict, categories, held_items, config)
     meta = {
-        "threshold": calibration.decision_threshold(predict, categories, held_items, config),
+        "threshold": calibrated["threshold"],
+        "kinds": calibrated["kinds"],
         "class_centres": calibration.class_centres(
             final, None if cache is None else cache[0], run.source, config, run.mesh
         ),
         "categories": [c.name for c in categories],
     }
+    if final.bank is not None:
+        meta["knn"] = {
+            "map_stats": calibrated["map_stats"],
+            "fraction": config.knn.fraction,
+            "patch_size": config.knn.patch_size,
+        }
     if run.total_steps in run.checkpoints.steps():
         # A non-final save of the last step (an interrupt there, by an older version): the
         # state is the one just restored from it, so replacing it loses nothing.
         run.checkpoints.delete(run.total_steps)
-    run.save(run.total_steps, state, final=True, extra=meta)
+    run.save(run.total_steps, state, final=True, extra=meta, bank=final.bank)
     return meta
 
 

@@ -15,6 +15,7 @@ from grad_jax.evaluation.metrics.ranking import (
     average_precision,
     f1_max,
     false_alarm_rate,
+    miss_rate,
     roc_curve,
 )
 from grad_jax.evaluation.metrics.regions import aupro, pro_curve, pro_curve_is_sampled
@@ -41,6 +42,7 @@ __all__ = [
     "evaluate_category",
     "f1_max",
     "false_alarm_rate",
+    "miss_rate",
     "format_table",
     "pro_curve",
     "pro_curve_is_sampled",

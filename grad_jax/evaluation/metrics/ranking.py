@@ -295,3 +295,14 @@ def false_alarm_rate(labels: np.ndarray, scores: np.ndarray, threshold: float) -
     if not normal.any():
         return math.nan
     return float(np.mean(np.asarray(scores, np.float64)[normal] >= threshold))
+
+
+def miss_rate(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    """Share of the defective images (label 1) passed at ``threshold`` (``score < threshold``).
+
+    nan if there is no defective image.
+    """
+    defective = np.asarray(labels) != 0
+    if not defective.any():
+        return math.nan
+    return float(np.mean(np.asarray(scores, np.float64)[defective] < threshold))

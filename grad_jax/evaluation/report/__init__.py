@@ -158,6 +158,8 @@ def write_report(
     threshold: dict | None,
     *,
     selection: dict[str, Any] | None = None,
+    kinds: dict[str, dict[str, float]] | None = None,
+    kind: str | None = None,
     max_plot_pixels: int = PLOT_PIXELS,
 ) -> str:
     """Writes `<workdir>/report/` (see the module docstring); returns the path of index.html.
@@ -168,8 +170,9 @@ def write_report(
     `num_images`, `per_category`, `source`), or None when unknown; `selection`: the recipe
     selection's record as in metrics.json (`candidates`, `winner`, `skipped`, `validation`,
     `figure`, `reused_probe`), or None when the run did not choose its recipe;
-    `max_plot_pixels`: pixels per category above which its plotted PRO curve is drawn from a
-    sample.
+    `kinds`: every model kind's flat metric values (`evaluate.kind_metrics`) and `kind` the
+    run's own, for the comparison table; `max_plot_pixels`: pixels per category above which its
+    plotted PRO curve is drawn from a sample.
     """
     metrics = dict(metrics or {})
     results = list(results)
@@ -187,7 +190,7 @@ def write_report(
     index = os.path.join(out_dir, "index.html")
     contents = dict(
         nav=out.nav, overview=out.overview, sections=out.sections, notes=out.notes,
-        selection=selection,
+        selection=selection, kinds=kinds, kind=kind,
     )  # fmt: skip
     atomic_write_text(index, html.page(run_name, results, metrics, threshold, **contents))
     log.info("report written to %s", index)

@@ -21,6 +21,7 @@ from grad_jax.evaluation.report.figures import (
     MAP_PERCENTILES,
     finite,
 )
+from grad_jax.evaluation.report.kinds import kinds_section
 from grad_jax.evaluation.report.selection import selection_section
 
 CSS = """
@@ -344,8 +345,11 @@ def page(
     sections: list[str],
     notes: list[str],
     selection: dict[str, Any] | None = None,
+    kinds: dict[str, dict[str, float]] | None = None,
+    kind: str | None = None,
 ) -> str:
-    """The whole of index.html: title, navigation, metrics table, thresholds, the curves
+    """The whole of index.html: title, navigation, metrics table, the model kinds compared,
+    thresholds, the curves
     (`overview`), one section per category, the notes and, when the run chose its recipe, the
     `selection` record's section."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -360,6 +364,7 @@ def page(
         f"<nav>{''.join(nav)}</nav>" if nav else "",
         "<h2>Metrics per category</h2>",
         metrics_table(results, metrics),
+        kinds_section(kinds or {}, kind),
         "<h2>Thresholds</h2>",
         threshold_section(results, metrics, threshold),
         "<h2>Curves</h2>" if overview else "",
