@@ -1,5 +1,7 @@
-"""Training reads what training needs: sources that never decode a mask, and the epoch length
-that every module takes from `input_pipeline.steps_per_epoch`."""
+"""Training reads what training needs: sources that never decode a mask; and the epochs every
+module takes from `input_pipeline`: the order of an epoch (`epoch_order`, a seeded permutation
+whose last batch is cut to a multiple of the device count) and its length (`steps_per_epoch`),
+both checked against counts made by hand."""
 
 import numpy as np
 import pytest
@@ -57,8 +59,59 @@ def test_evaluation_sources_still_read_masks():
     assert row["mask"].shape == (64, 64) and bool(row["has_mask"])
 
 
-@pytest.mark.parametrize("n, batch, devices", [(10, 4, 1), (10, 4, 4), (9, 4, 2), (3, 8, 2)])
-def test_steps_per_epoch_counts_the_batches_of_an_epoch(n, batch, devices):
-    order = input_pipeline.epoch_order(n, 0, 0, batch, devices)
-    batches = [order[i : i + batch] for i in range(0, len(order), batch)]
-    assert input_pipeline.steps_per_epoch(n, batch, devices) == len(batches)
+# (n images, global batch, devices) -> (images trained in an epoch, steps), by hand: full
+# batches, then a last batch cut to a multiple of the device count.
+_EPOCHS = [
+    ((10, 4, 1), (10, 3)),  # 4 + 4 + 2
+    ((10, 4, 4), (8, 2)),  # the last 2 cannot be split over 4 devices: dropped
+    ((9, 4, 2), (8, 2)),  # 1 left over, fewer than the 2 devices
+    ((11, 4, 2), (10, 3)),  # last batch of 3 cut to 2
+    ((14, 4, 4), (12, 3)),  # full batches only: 2 left over
+    ((15, 8, 2), (14, 2)),  # 8 + 7 cut to 6
+    ((16, 4, 4), (16, 4)),  # no remainder
+    ((3, 8, 2), (2, 1)),  # fewer images than a batch: one short batch, cut to 2
+    ((3, 8, 1), (3, 1)),
+    ((7, 8, 4), (4, 1)),
+]
+
+
+@pytest.mark.parametrize("case, want", _EPOCHS)
+def test_steps_per_epoch_by_hand(case, want):
+    n, batch, devices = case
+    images, steps = want
+    assert input_pipeline.steps_per_epoch(n, batch, devices) == steps
+    for epoch in range(3):
+        order = input_pipeline.epoch_order(n, 5, epoch, batch, devices)
+        assert len(order) == images
+        assert len(set(order.tolist())) == images and set(order.tolist()) <= set(range(n))
+        # the last batch splits evenly over the devices, and the others are full
+        last = images - (steps - 1) * batch
+        assert 0 < last <= batch and last % devices == 0
+
+
+def test_epoch_order_is_a_fresh_permutation_per_epoch_and_seed():
+    n = 24
+    orders = {
+        (seed, epoch): input_pipeline.epoch_order(n, seed, epoch, 8, 1).tolist()
+        for seed in (0, 1)
+        for epoch in range(4)
+    }
+    for order in orders.values():
+        assert sorted(order) == list(range(n))  # every image once
+        assert order != list(range(n))  # shuffled
+    assert len({tuple(o) for o in orders.values()}) == len(orders)  # epochs and seeds differ
+    # the same (seed, epoch) gives the same order (a resumed run continues it)
+    assert input_pipeline.epoch_order(n, 1, 2, 8, 1).tolist() == orders[(1, 2)]
+
+
+@pytest.mark.parametrize("n, batch", [(24, 8), (27, 8), (5, 8)])
+def test_epoch_order_is_the_same_for_every_device_count(n, batch):
+    """The device count only decides how many images the last batch drops: the order itself
+    is the same permutation (so a run's images do not depend on the machine)."""
+    for epoch in range(3):
+        one = input_pipeline.epoch_order(n, 7, epoch, batch, 1).tolist()
+        assert sorted(one) == list(range(n))
+        for devices in (2, 4, 8):
+            order = input_pipeline.epoch_order(n, 7, epoch, batch, devices).tolist()
+            assert order == one[: len(order)]
+            assert n - len(order) < devices  # at most devices - 1 images left out

@@ -16,11 +16,12 @@ from grad_jax.data import input_pipeline
 from grad_jax.data import synthetic_defects as sd
 from grad_jax.errors import SelectionError
 from grad_jax.evaluation import evaluate
+from grad_jax.inference import device_program
 from grad_jax.models.model import ModelVariables, build_model
 from grad_jax.runs import checkpointing, run_folder
 from grad_jax.runs.train_state import TrainState
+from grad_jax.selection import budget, probes, select, validation
 from grad_jax.selection import candidates as cands
-from grad_jax.selection import probes, select
 from grad_jax.training import feature_cache, loop, run_records
 from grad_jax.training.optim import make_optimizer
 from tests.conftest import tiny_category
@@ -67,10 +68,13 @@ def test_parse_candidates():
 _FIGURE_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "figure")
 
 
-def _fake_probe(figures, seconds_per_epoch):
-    """probe() replaced by recorded figures: name -> figure."""
+def _fake_probe(figures, seconds_per_epoch, calls=None):
+    """probe() replaced by recorded figures: name -> figure; (candidate, source, val) of each
+    call go to `calls`. It takes no time on the clock."""
 
     def probe(candidate, config, source, val, shared, log_dir, deadline=None):
+        if calls is not None:
+            calls.append((candidate.name, source, val))
         figure = figures[candidate.name]
         record = {
             "name": candidate.name,
@@ -94,6 +98,14 @@ def _fake_probe(figures, seconds_per_epoch):
     return probe
 
 
+class _FrozenClock:
+    """The `time` module of select and budget in a test: the clock does not move, so nothing
+    depends on how fast this machine builds the validation set."""
+
+    def time(self):
+        return 5000.0
+
+
 @pytest.fixture(scope="module")
 def category(tmp_path_factory):
     base = tmp_path_factory.mktemp("selection_data")
@@ -114,19 +126,37 @@ def _config(root, data_dir, candidates="lite0@96"):
 
 
 def test_the_best_figure_wins_within_budget(category, tmp_path, monkeypatch):
+    monkeypatch.setattr(select, "time", _FrozenClock())
+    monkeypatch.setattr(budget, "time", _FrozenClock())
     config = _config(category, tmp_path / "tfds", "lite0@96,lite0@128,lite1@64")
     config.selection.probe_epochs = 1
     figures = {"lite0@64:3-4": 0.6, "lite0@96:3-4": 0.8, "lite0@128:3-4": 0.7, "lite1@64:3-4": 0.5}
-    monkeypatch.setattr(probes, "probe", _fake_probe(figures, {}))
+    calls = []
+    monkeypatch.setattr(probes, "probe", _fake_probe(figures, {}, calls))
     record = select.select(config, str(tmp_path / "run"))
     assert record["winner"] == "lite0@96:3-4"
     assert [c["name"] for c in record["candidates"]] == list(figures)
     on_disk = json.loads((tmp_path / "run" / run_folder.SELECTION_FILE).read_text())
     assert on_disk["winner"] == "lite0@96:3-4" and not on_disk["reused_probe"]
 
+    # The probes train on the training images the full run trains on, and are scored on the
+    # other (held-out) images as they are, plus 2 defects in each.
+    folder = validation.TrainFolder(category)
+    shells = [input_pipeline.CategoryData("hex_nut", folder, None)]
+    train, held = input_pipeline.split_holdout(shells, 0.25, config.seed)
+    assert len(held) == 4 and not set(train) & set(held)
+    for _, source, val in calls:
+        assert source.items == train and source.masks is False
+        assert val.kinds == [["normal"] * 4 + list(sd.KINDS) * 2]
+        for image, it in zip(val.images[0][:4], held, strict=True):
+            assert np.array_equal(image, folder.load(it.index))
+
     # A better candidate whose full run cannot fit in the budget is not chosen: lite0@128 costs
     # 4x the config's recipe per epoch. lite1@64 costs the same as the recipe; its probe was
-    # merely slowed by load, which must not count against it.
+    # merely slowed by load, which must not count against it. With the clock stopped, 60 s
+    # are left: at 10 s an epoch (the fastest rate), 2 epochs of overhead leave 4 more epochs
+    # for the recipe and lite1@64 (2 in all, the configured number), none for lite0@96 (22.5 s,
+    # overhead 45 s) or lite0@128 (40 s): 1 epoch, below the floor of 0.8 x 2.
     config.selection.budget_minutes = 1.0
     times = {
         "lite0@64:3-4": 10.0,
@@ -138,10 +168,11 @@ def test_the_best_figure_wins_within_budget(category, tmp_path, monkeypatch):
     monkeypatch.setattr(probes, "probe", _fake_probe(figures, times))
     record = select.select(config, str(tmp_path / "run2"))
     by_name = {c["name"]: c for c in record["candidates"]}
-    assert not by_name["lite0@128:3-4"]["fits_budget"]
+    assert [c["affordable_epochs"] for c in record["candidates"]] == [2, 1, 1, 2]
+    assert [c["fits_budget"] for c in record["candidates"]] == [True, False, False, True]
     assert by_name["lite1@64:3-4"]["seconds_per_epoch_estimate"] == pytest.approx(10.0)
     assert record["winner"] == "lite1@64:3-4"
-    assert record["final_epochs"] == 2  # 60 s left: 1 probe epoch + 1 more fits (10 s each)
+    assert record["final_epochs"] == 2 and record["selection_seconds"] == 0.0
 
 
 def _hide_test_split(root: pathlib.Path, stash: pathlib.Path) -> None:
@@ -256,38 +287,114 @@ def test_winner_continues_from_its_probe(category, tmp_path):
     np.testing.assert_allclose(losses, want, rtol=1e-5)
 
 
-def test_probes_train_through_the_training_loop(category, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def spied_probe(category, tmp_path_factory):
+    """The one real probe here (the config's own recipe, 2 epochs, also scored after the
+    first), with spies on the loop's functions and on every validation: (record, calls,
+    validations, probe), where each validation is (val, config, [(scores, smoothed maps)] per
+    predict call, the figures it returned) and probe the `probes.Probe` it gave."""
+    tmp = tmp_path_factory.mktemp("spied_probe")
+    config = _config(category, tmp / "tfds", candidates="")
+    config.model.precision = "float32"  # not the default: a dropped setting shows
+    config.selection.probe_epochs = 2
+    config.selection.eval_epochs = (1,)
+    calls = {"train_epochs": [], "make_train_step": [], "make_extract_fn": []}
+    validations = []
+    with pytest.MonkeyPatch.context() as mp:
+
+        def spy(module, name, *keys):
+            """Records the arguments `keys` of every call of `module.name`."""
+            original = getattr(module, name)
+            signature = inspect.signature(original)
+
+            def wrapped(*args, **kwargs):
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                calls[name].append(tuple(bound.arguments[k] for k in keys))
+                return original(*args, **kwargs)
+
+            mp.setattr(module, name, wrapped)
+
+        spy(loop, "train_epochs", "on_epoch_end")
+        spy(loop, "make_train_step", "from_features", "precision")
+        spy(feature_cache, "make_extract_fn", "precision")
+        real_validate = probes.validate
+
+        def recording_validate(predict, val, cfg):
+            outputs = []
+
+            def recording_predict(batch):
+                out = predict(batch)
+                outputs.append((np.asarray(out["score"]), np.asarray(out["smoothed"])))
+                return out
+
+            figures = real_validate(recording_predict, val, cfg)
+            validations.append((val, cfg, outputs, figures))
+            return figures
+
+        mp.setattr(probes, "validate", recording_validate)
+        kept = []
+        real_probe = probes.probe
+        mp.setattr(probes, "probe", lambda *a, **k: kept.append(real_probe(*a, **k)) or kept[-1])
+        record = select.select(config, str(tmp / "run"))
+    return record, calls, validations, kept
+
+
+def test_probes_train_through_the_training_loop(spied_probe):
     """A probe builds no step or feature extractor of its own: it runs `loop.train_epochs`,
     whose step comes from `loop.make_train_step` with the config's `model.precision`, from a
     cache extracted at that precision (on a CPU the precision changes no number, so the
     bit-for-bit test above cannot see it)."""
-    config = _config(category, tmp_path / "tfds", candidates="")
-    config.model.precision = "float32"  # not the default: a dropped setting shows
-    calls = {"train_epochs": [], "make_train_step": [], "make_extract_fn": []}
-
-    def spy(module, name, *keys):
-        """Records the arguments `keys` of every call of `module.name`."""
-        original = getattr(module, name)
-        signature = inspect.signature(original)
-
-        def wrapped(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            calls[name].append(tuple(bound.arguments[k] for k in keys))
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapped)
-
-    spy(loop, "train_epochs", "on_epoch_end")
-    spy(loop, "make_train_step", "from_features", "precision")
-    spy(feature_cache, "make_extract_fn", "precision")
-    record = select.select(config, str(tmp_path / "run"))
+    record, calls, _, _ = spied_probe
     assert [c["name"] for c in record["candidates"]] == ["lite0@64:3-4"]
     (hook,) = calls["train_epochs"]  # one probe, trained by the loop, with its hook
     assert hook[0] is not None
     # Its step: from the cache, at the config's precision; the cache: at that precision too.
     assert calls["make_train_step"] == [(True, "float32")]
     assert calls["make_extract_fn"] == [("float32",)]
+
+
+def test_a_probes_figures_are_the_metrics_of_its_own_validation_scores(spied_probe):
+    """The curve has one point per validation (epochs 1 and 2), each the metrics computed here
+    (sklearn and the reference AUPRO) from the scores and smoothed maps the probe's model gave
+    on the synthetic validation; the probe's figures are those of its last epoch."""
+    from tests.selection_validation_test import reference_figures
+
+    record, _, validations, (kept,) = spied_probe
+    (probe,) = record["candidates"]
+    assert [p["epoch"] for p in probe["curve"]] == [1, 2] and len(validations) == 2
+    for point, (val, cfg, outputs, figures) in zip(probe["curve"], validations, strict=True):
+        size = tuple(cfg.data.image_size)
+        scores = np.concatenate([s for s, _ in outputs])
+        maps = np.concatenate([m for _, m in outputs])
+        per_category, start = [], 0
+        for masks in val.masks:  # validate scores the categories in order, in batches
+            gt = np.stack([input_pipeline.resize_mask(m, size) for m in masks])
+            end = start + len(masks)
+            per_category.append((scores[start:end], maps[start:end], gt))
+            start = end
+        assert start == len(scores) and maps.shape[1:] == size
+        want = reference_figures(per_category)
+        assert {k: point[k] for k in want} == pytest.approx(want, abs=1e-6)
+        assert figures == pytest.approx(want, abs=1e-6)
+    # the two epochs scored differently (the model was trained in between), and the last is the
+    # model the probe returns (the state its full run continues from)
+    assert not np.allclose(validations[0][2][0][0], validations[1][2][0][0])
+    val, cfg, outputs, _ = validations[-1]
+    variables = ModelVariables.from_model(build_model(cfg)).replace(
+        backbone=kept.backbone, params=kept.state.params, batch_stats=kept.state.batch_stats
+    )
+    predict = device_program.make_predict_fn(variables, cfg)
+    size = tuple(cfg.data.image_size)
+    images = np.stack([input_pipeline.resize_image(x, size) for xs in val.images for x in xs])
+    again = [predict(images[i : i + 4]) for i in range(0, len(images), 4)]
+    np.testing.assert_allclose(
+        np.concatenate([o["score"] for o in again]), np.concatenate([s for s, _ in outputs]),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    last = probe["curve"][-1]
+    assert all(probe[k] == last[k] for k in _FIGURE_KEYS)
+    assert probe["figure"] == pytest.approx(0.5 * (last["image_auroc"] + last["pixel_aupro"]))
 
 
 def test_a_probe_stops_at_the_probing_deadline(category, tmp_path):
