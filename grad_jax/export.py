@@ -6,6 +6,10 @@ writes `model.jaxexport` (the whole predict program as `jax.export` StableHLO, w
 included, batch dimension symbolic, lowered for cpu, cuda and tpu) and `meta.json`; load it
 with `grad_jax.inference.exported_model.load_model`, which needs jax, numpy and Pillow only.
 The exported program is the one `Predictor` runs (`device_program.predict_program`).
+
+It prints the folder's digest (the sha256 of meta.json, which holds the program's): pin it where
+the folder is used (`load_model(..., expected_sha256=...)`, `python -m grad_jax.predict
+--model_sha256=...`) and an edited threshold or swapped program is refused at load.
 """
 
 from __future__ import annotations
@@ -36,10 +40,9 @@ from grad_jax.runs.run_folder import TrainedModel, load_trained
 def export_program(trained: TrainedModel, platforms: Sequence[str] = exported_model.PLATFORMS):
     """The `jax.export.Exported` of the predict program of `trained`, batch dim symbolic."""
     variables = trained.variables
-    program = device_program.predict_program(variables, trained.config)
-    weights = jax.tree.map(
-        jnp.asarray, (variables.backbone, variables.params, variables.batch_stats)
-    )
+    stats = device_program.map_stats(trained.meta)
+    program = device_program.predict_program(variables, trained.config, stats)
+    weights = jax.tree.map(jnp.asarray, device_program.program_weights(variables))
 
     def predict(images_uint8):
         return program(*weights, images_uint8)
@@ -90,6 +93,8 @@ def build_meta(trained: TrainedModel, exported: Any) -> dict[str, Any]:
         },
         "categories": list(categories),
         "threshold": threshold,
+        "model_kind": config.model.get("kind", "grad"),
+        "knn": meta.get("knn"),  # the memory bank's settings and map statistics (bank inside)
         "class_centres": meta.get("class_centres"),
         "recognition": (
             "nearest class centre of the pooled features"
@@ -168,10 +173,13 @@ def export_command(values: flags.FlagValues, args: list[str]) -> int:
         raise UsageError("; ".join(problems))
     meta = export_workdir(values.workdir, values.out, values.step, values.platforms)
     size = meta["model_bytes"] / 2**20
+    digest = exported_model.folder_digest(values.out)
     print(
         f"grad_jax: exported step {meta['checkpoint_step']} of {values.workdir} to {values.out} "
         f"({exported_model.MODEL_FILE} {size:.1f} MiB for {', '.join(meta['platforms'])}; "
-        f"classes: {', '.join(meta['categories']) or 'unknown'})"
+        f"classes: {', '.join(meta['categories']) or 'unknown'})\n"
+        f"grad_jax: folder digest (sha256 of {exported_model.META_FILE}) {digest}: pin it with "
+        f"--model_sha256={digest} (predict) or load_model(..., expected_sha256=...)"
     )
     return cli.EXIT_OK
 

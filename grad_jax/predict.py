@@ -19,19 +19,33 @@ Command line::
 they give the same results.
 
 PATHs are image files or folders (searched recursively for .png .jpg .jpeg .bmp .tif .tiff in
-any letter case; hidden files and folders are skipped). Results in --out:
+any letter case, and the extensions of the formats given with --allow_formats; hidden files and
+folders are skipped). --out must be a new or empty folder; --overwrite replaces the results of
+an earlier run there (other files are kept). Results in --out:
 
-- `scores.csv`: `file,score,decision,threshold,category,calibrated,overlay`, one row per image;
+- `scores.csv`: `file,path,score,decision,threshold,category,calibrated,overlay`, one row per
+  scored image: `file` its name in the results (unique), `path` the input as given; decision
+  `anomalous`, `normal`, empty (no threshold) or `unknown class` (a kind of part the model was
+  not trained on: no category, no threshold); a text cell that starts with = + - @, a tab or a
+  carriage return is written with a leading single quote, so spreadsheets show it as text;
 - `maps.npz`: the raw anomaly map (float32, model input size; with tiling the stitched map at
   the original size) of every image, keyed like `file`;
 - `overlays/<file>`: the heat map over the image at its original size, as a PNG named like the
   input (`a.png` -> `a.png`, `b.jpg` -> `b.png`, or `b.jpg.png` when `b.png` is an input too);
 - `README.txt`: what was run, the threshold and the overlay colour range used.
 
-Images are decoded and converted exactly as the training data (`tfds_mvtec` layout rules: 16-bit
-scaled, grayscale replicated, alpha dropped, palettes expanded) and resized like it (Pillow
-bilinear). An unreadable file is named on stderr and skipped; the exit status is then 1. Usage
-errors (no paths, a folder that is not a run) exit with status 2.
+`file` is the path relative to the folder argument it was found in (the base name for a file
+argument). When two inputs would get the same name (`lotA/cam/p.png` and `lotB/cam/p.png` as
+`cam/p.png`), the first in argument order keeps it and the others get `_2`, `_3`, ... before the
+extension, skipping every name an input has of its own: no result ever carries the name of
+another input; `path` says which file it is.
+
+Images are decoded and converted exactly as the training data (`tfds_mvtec` layout rules: PNG,
+JPEG, BMP or TIFF content, one frame; 16-bit scaled, grayscale replicated, alpha dropped,
+palettes expanded) and resized like it (Pillow bilinear). A file that cannot be read (another
+format, an animation or multi-page file, a damaged file) or that the model gives no finite
+score is named on stderr and skipped; the exit status is then 1. Usage errors (no paths, a
+folder that is not a run, a used --out) exit with status 2.
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ import posixpath
 import sys
 import zipfile
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from absl import flags
@@ -57,13 +72,26 @@ from grad_jax.inference import heatmap
 from grad_jax.inference.decisions import Prediction
 from grad_jax.inference.loader import load_scorer
 from grad_jax.inference.predictor import Predictor
-from grad_jax.inference.scorer import Scorer, colour_range
+from grad_jax.inference.scorer import Scorer, ScoringFailure, colour_range
 from tfds_mvtec.mvtec_ad import layout
 
 #: The exit statuses of the command line.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = cli.EXIT_OK, 1, cli.EXIT_USER_ERROR
 OVERLAY_DIR = "overlays"
-CSV_COLUMNS = ["file", "score", "decision", "threshold", "category", "calibrated", "overlay"]
+CSV_COLUMNS = [
+    "file",
+    "path",
+    "score",
+    "decision",
+    "threshold",
+    "category",
+    "calibrated",
+    "overlay",
+]
+#: scores.csv's decision for an image of a kind of part the model does not know.
+UNKNOWN_CLASS_DECISION = "unknown class"
+#: First characters that make a spreadsheet read a cell as a formula (or hide it).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 # The result type, image conversion and decision rules live in light modules shared with the
@@ -77,10 +105,13 @@ __all__ = ["Prediction", "Predictor", "UsageError", "read_image", "to_rgb8"]
 # --------------------------------------------------------------------------------------------
 
 
-def _image_files(folder: str, exclude: str | None = None) -> list[tuple[str, str]]:
+def _image_files(
+    folder: str, exclude: str | None = None, extensions: frozenset[str] = layout.IMAGE_EXTENSIONS
+) -> list[tuple[str, str]]:
     """`(path, key)` of the images below `folder`, key = POSIX path relative to it, sorted.
 
-    Hidden files and folders are skipped, and so is the folder `exclude` (the output folder).
+    Images are the visible files whose suffix (any case) is in `extensions`. Hidden files and
+    folders are skipped, and so is the folder `exclude` (the output folder).
     """
     found = []
     skip = None if exclude is None else os.path.realpath(exclude)
@@ -93,45 +124,66 @@ def _image_files(folder: str, exclude: str | None = None) -> list[tuple[str, str
         )
         rel = os.path.relpath(top, folder)
         for name in files:
-            if layout.is_image_name(pathlib.Path(name)):
+            if os.path.splitext(name)[1].lower() in extensions and not layout.is_hidden(
+                pathlib.Path(name)
+            ):
                 parts = [] if rel == os.curdir else rel.split(os.sep)
                 found.append((os.path.join(top, name), posixpath.join(*parts, name)))
     return sorted(found, key=lambda item: item[1])
 
 
 def collect_inputs(
-    paths: Sequence[str], exclude: str | None = None
+    paths: Sequence[str], exclude: str | None = None, allow_formats: Sequence[str] = ()
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """`([(file, key)], [(path, reason)])` for the command-line PATHs.
 
-    A folder contributes its images (key: the path relative to it), except those under the
-    folder `exclude` (the output folder, whose overlays are images too); a file is taken
-    whatever its name (key: its base name). Keys are unique (compared case-insensitively, so the
-    overlays can live on any file system): a repeated key gets `_2`, `_3`, ... before its
-    extension, in argument order. A file reached twice is scored once.
+    A folder contributes its images (key: the path relative to it; images: the training
+    formats' extensions and those of `allow_formats`), except those under the folder `exclude`
+    (the output folder, whose overlays are images too); a file is taken whatever its name (key:
+    its base name). A file reached twice is scored once. Keys are unique, compared
+    case-insensitively (so the overlays can live on any file system): of the inputs with the
+    same key, the first in argument order keeps it and the others get `_2`, `_3`, ... before
+    the extension, skipping every key an input has of its own, so that no result is ever named
+    like another input.
     """
+    extensions = layout.IMAGE_EXTENSIONS | layout.format_extensions(allow_formats)
     files: list[tuple[str, str]] = []
     failed: list[tuple[str, str]] = []
     for arg in paths:
         if os.path.isdir(arg):
-            found = _image_files(arg, exclude)
+            found = _image_files(arg, exclude, extensions)
             if not found:
-                kinds = ", ".join(sorted(layout.IMAGE_EXTENSIONS))
+                kinds = ", ".join(sorted(extensions))
                 failed.append((arg, f"the folder holds no image file ({kinds})"))
             files += found
         elif os.path.lexists(arg):
             files.append((arg, os.path.basename(arg)))
         else:
             failed.append((arg, "no such file or folder"))
-    out, seen, taken = [], set(), set()
+    unique, seen = [], set()
     for path, key in files:
         real = os.path.realpath(path)
-        if real in seen:
-            continue
-        seen.add(real)
-        stem, ext = posixpath.splitext(key)
-        out.append((path, unique_name(stem, taken, ext)))
+        if real not in seen:
+            seen.add(real)
+            unique.append((path, key))
+    own = {key.lower() for _, key in unique}  # every input's own name: never given to another
+    out, taken = [], set()
+    for path, key in unique:
+        if key.lower() in taken:
+            stem, ext = posixpath.splitext(key)
+            key = unique_name(stem, taken | own, ext)
+        taken.add(key.lower())
+        out.append((path, key))
     return out, failed
+
+
+class Written(NamedTuple):
+    """What `write_outputs` wrote: images scored, `(path, reason)` of those not scored, and
+    how many of the scored ones are of an unknown class."""
+
+    scored: int
+    failed: list[tuple[str, str]]
+    unknown: int
 
 
 class _NpzWriter:
@@ -210,17 +262,21 @@ def write_outputs(
     missing: Sequence[tuple[str, str]] = (),
     category: str | None = None,
     threshold: float | None = None,
-) -> tuple[int, list[tuple[str, str]]]:
+    allow_formats: Sequence[str] = (),
+) -> Written:
     """Score `files` (`(path, key)`) and write scores.csv, maps.npz, overlays/ and README.txt.
 
     `threshold_line`: (value, where it comes from) for README.txt (`resolve_threshold`).
+    `report_failure(path, reason)` is called for each file that cannot be read or scored
+    (`reason` is a `ScoringFailure` when the model gave no finite result).
     `missing`: `(path, reason)` of inputs that failed before (listed in README.txt too).
     `category`: the class of every image (None: each image's is recognised); `threshold`:
-    decide every image with it (None: the stored thresholds). Overlays follow the scorer's
-    colour rule (`scorer.colour_range`): an image decided with a positive threshold at once,
-    the others in a second pass over the range of all their maps.
-    Every output is written under a temporary name and renamed when complete. Returns (number
-    of images scored, [(path, reason)] of the files that could not be read).
+    decide every image with it (None: the stored thresholds); `allow_formats`: image formats
+    read beyond PNG, JPEG, BMP and TIFF. Overlays follow the scorer's colour rule
+    (`scorer.colour_range`): an image decided with a positive threshold at once, the others in
+    a second pass over the range of all their maps. Outputs of an earlier run in `out` are
+    replaced. Every output is written under a temporary name and renamed when complete.
+    Returns what was written (`Written`).
     """
     os.makedirs(out, exist_ok=True)
     final = {name: os.path.join(out, name) for name in ("scores.csv", "maps.npz", "README.txt")}
@@ -235,7 +291,7 @@ def write_outputs(
             remove(tmp)
         os.makedirs(temps[OVERLAY_DIR])
         npz = _NpzWriter(temps["maps.npz"])
-        anomalous = 0
+        anomalous = unknown = 0
         unscaled: list[tuple[str, str]] = []  # (path, key) of images decided without threshold
         any_decision = False
         used: set[float] = set()  # the positive thresholds that colour overlays
@@ -246,7 +302,8 @@ def write_outputs(
             overlay_of = overlay_names([key for _, key in files])
             bar = tqdm.tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
             paths = [p for p, _ in files]
-            for path, image, p, reason in scorer.iter_files(paths, category, threshold):
+            results = scorer.iter_files(paths, category, threshold, allow_formats)
+            for path, image, p, reason in results:
                 bar.update(1)
                 if p is None:
                     failed.append((path, reason))
@@ -255,8 +312,9 @@ def write_outputs(
                 key = keys[path]
                 scored.append((path, key))
                 anomalous += bool(p.is_anomalous)
+                unknown += p.unknown_class
                 any_decision = any_decision or p.is_anomalous is not None
-                writer.writerow(_csv_row(key, p, overlay_of[key]))
+                writer.writerow(_csv_row(key, path, p, overlay_of[key]))
                 npz.add(key, p.anomaly_map)
                 if p.threshold is not None and p.threshold > 0:
                     overlay = os.path.join(temps[OVERLAY_DIR], overlay_of[key])
@@ -268,13 +326,15 @@ def write_outputs(
             bar.close()
         npz.close()
         npz = None
-        shared = _overlays_from_maps(unscaled, temps, overlay_of, progress) if unscaled else None
+        shared = None
+        if unscaled:
+            shared = _overlays_from_maps(unscaled, temps, overlay_of, progress, allow_formats)
         decided = anomalous if scored and any_decision else None
         readme = _readme(
             scorer,
             scored,
             [*missing, *failed],
-            decided,
+            (decided, unknown),
             threshold_line,
             sorted(used),
             shared,
@@ -288,14 +348,31 @@ def write_outputs(
             npz.close()
         for tmp in [*temps.values(), old_overlays]:
             remove(tmp)
-    return len(scored), failed
+    return Written(len(scored), failed, unknown)
 
 
-def _csv_row(key: str, p: Prediction, overlay: str) -> list[str]:
+def csv_text(value: str) -> str:
+    """A text cell of scores.csv: with a leading single quote when it starts like a formula
+    (= + - @, a tab or a carriage return), so a spreadsheet shows it as text, never runs it."""
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
+
+
+def _csv_row(key: str, path: str, p: Prediction, overlay: str) -> list[str]:
     """One row of scores.csv (`CSV_COLUMNS`)."""
-    decision = {None: "", True: "anomalous", False: "normal"}[p.is_anomalous]
-    calibrated = _fmt(p.calibrated)
-    return [key, _fmt(p.score), decision, _fmt(p.threshold), p.category or "", calibrated, overlay]
+    if p.unknown_class:
+        decision = UNKNOWN_CLASS_DECISION
+    else:
+        decision = {None: "", True: "anomalous", False: "normal"}[p.is_anomalous]
+    return [
+        csv_text(key),
+        csv_text(path),
+        _fmt(p.score),
+        decision,
+        _fmt(p.threshold),
+        csv_text(p.category or ""),
+        _fmt(p.calibrated),
+        csv_text(overlay),
+    ]
 
 
 def _publish(temps: dict[str, str], final: dict[str, str], old_overlays: str) -> None:
@@ -308,7 +385,7 @@ def _publish(temps: dict[str, str], final: dict[str, str], old_overlays: str) ->
     os.replace(temps["scores.csv"], final["scores.csv"])  # last: the run is complete
 
 
-def _overlays_from_maps(scored, temps, overlay_of, progress) -> tuple[float, float]:
+def _overlays_from_maps(scored, temps, overlay_of, progress, allow_formats) -> tuple[float, float]:
     """Overlays of the images decided without a (positive) threshold: their colour range spans
     all their maps (the scorer's rule), so image and map are read again once it is known.
     Returns that range."""
@@ -318,7 +395,7 @@ def _overlays_from_maps(scored, temps, overlay_of, progress) -> tuple[float, flo
         for path, key in scored:
             bar.update(1)
             try:
-                image = read_image(path)
+                image = read_image(path, allow_formats)
             except layout.BadImageError as err:  # changed on disk since it was scored
                 print(f"grad_jax: no overlay for {path}: {err.reason}", file=sys.stderr)
                 continue
@@ -328,10 +405,12 @@ def _overlays_from_maps(scored, temps, overlay_of, progress) -> tuple[float, flo
     return vmin, vmax
 
 
-def _readme(scorer, scored, failed, anomalous, threshold, thresholds, shared, n_shared) -> str:
-    """README.txt; `threshold`: (value, where it comes from), see `resolve_threshold`;
+def _readme(scorer, scored, failed, counts, threshold, thresholds, shared, n_shared) -> str:
+    """README.txt; `counts`: (images flagged anomalous or None without decisions, images of an
+    unknown class); `threshold`: (value, where it comes from), see `resolve_threshold`;
     `thresholds`: the positive thresholds the overlays were coloured by."""
     h, w = scorer.image_size
+    anomalous, unknown = counts
     value, source = threshold
     parts = []
     if thresholds:
@@ -357,19 +436,29 @@ def _readme(scorer, scored, failed, anomalous, threshold, thresholds, shared, n_
         "",
         f"Model: {model}, checkpoint step {step}, input size {h}x{w}"
         + (" (one tile)." if scorer.tiled else "."),
-        f"Images: {len(scored)} scored, {len(failed)} unreadable"
-        + (f", {anomalous} flagged anomalous." if anomalous is not None else "."),
+        f"Images: {len(scored)} scored, {len(failed)} not scored"
+        + (f", {anomalous} flagged anomalous" if anomalous is not None else "")
+        + (f", {unknown} of an unknown class" if unknown else "")
+        + ".",
         f"Decision threshold: {_fmt(value) or 'none'} ({source}).",
         "",
         "Files:",
         "  scores.csv   " + ",".join(CSV_COLUMNS) + "; one row per scored image.",
-        "               'file' is the path relative to the folder it was found in (or the",
-        "               file's name when it was given directly); decision is 'anomalous' when",
-        "               score >= threshold, 'normal' otherwise, and empty when no threshold is",
-        "               known; category is the class the decision was made for (given with",
+        "               'file' is the image's name in these results: its path relative to the",
+        "               folder it was found in (or its name when it was given directly), with",
+        "               _2, _3, ... before the extension when another input has that name;",
+        "               'path' is the input file as given. decision is 'anomalous' when",
+        "               score >= threshold, 'normal' otherwise, empty when no threshold is",
+        "               known, and 'unknown class' (no category, no threshold) when the image",
+        "               lies farther from every class the model knows than that class's own",
+        "               training images do (times a margin): a kind of part it was not trained",
+        "               on. category is the class the decision was made for (given with",
         "               --category, or recognised from the image); calibrated is the fraction of",
         "               that class's held-out normal images that scored lower; overlay is the",
-        "               overlay's file name in overlays/.",
+        "               overlay's file name in overlays/. A text cell that starts with = + - @,",
+        "               a tab or a carriage return is written with a leading single quote (a",
+        "               spreadsheet then shows it as text instead of running it as a formula);",
+        "               maps.npz and overlays/ use the names without it.",
         *(
             [
                 "  maps.npz     one float32 array per image at its original size, keyed like",
@@ -391,7 +480,7 @@ def _readme(scorer, scored, failed, anomalous, threshold, thresholds, shared, n_
         f"Overlay colour range: {colour}. Values outside it are clipped.",
     ]
     if failed:
-        lines += ["", "Unreadable files (not scored):"]
+        lines += ["", "Files not scored (unreadable, or no finite score from the model):"]
         lines += [f"  {path}: {reason}" for path, reason in failed]
     return "\n".join(lines) + "\n"
 
@@ -424,6 +513,27 @@ def define_flags(values: flags.FlagValues) -> None:
         "step", None, "Checkpoint step (default: the latest readable).", flag_values=values
     )
     flags.DEFINE_boolean("progress", True, "Show a progress bar.", flag_values=values)
+    flags.DEFINE_boolean(
+        "overwrite",
+        False,
+        "Replace the results of an earlier run in a non-empty --out (scores.csv, maps.npz, "
+        "overlays/, README.txt; other files are kept). Without it a non-empty --out is refused.",
+        flag_values=values,
+    )
+    flags.DEFINE_list(
+        "allow_formats",
+        [],
+        "Image formats to read beyond PNG, JPEG, BMP and TIFF (Pillow names, e.g. WEBP,GIF); "
+        "their extensions are then found in folders too.",
+        flag_values=values,
+    )
+    flags.DEFINE_string(
+        "model_sha256",
+        None,
+        "With --model: the digest the exported folder must have (printed by "
+        "python -m grad_jax.export; the sha256 of its meta.json, which holds its program's).",
+        flag_values=values,
+    )
 
 
 USAGE = (
@@ -449,36 +559,60 @@ def _check_flags(values: flags.FlagValues, paths: Sequence[str]) -> None:
         raise UsageError(f"--out={values.out} is a file, not a folder")
     if values.threshold is not None and values.category is not None:
         raise UsageError("give either --threshold or --category, not both")
+    if values.model_sha256 and not values.model:
+        raise UsageError(
+            "--model_sha256 pins an exported model folder (--model), not a run folder (--workdir)"
+        )
+    try:
+        layout.accepted_formats(values.allow_formats)
+    except ValueError as err:
+        raise UsageError(f"--allow_formats: {err}") from None
+    if os.path.isdir(values.out) and os.listdir(values.out) and not values.overwrite:
+        raise UsageError(
+            f"--out={values.out} is not empty: give a new or empty folder, or pass --overwrite "
+            "to replace the results there (scores.csv, maps.npz, overlays/, README.txt)"
+        )
 
 
-def _report_unreadable(path: str, reason: str) -> None:
-    tqdm.tqdm.write(f"grad_jax: cannot read {path}: {reason}", file=sys.stderr)
+def _report_failure(path: str, reason: str) -> None:
+    """One stderr line per file that was not scored: unreadable, or no finite result."""
+    what = "cannot score" if isinstance(reason, ScoringFailure) else "cannot read"
+    tqdm.tqdm.write(f"grad_jax: {what} {path}: {reason}", file=sys.stderr)
 
 
 def predict_paths(values: flags.FlagValues, paths: list[str]) -> int:
     """Score the images at `paths` with the run --workdir and write the results to --out."""
     _check_flags(values, paths)
-    files, failed = collect_inputs(paths, exclude=values.out)
+    files, failed = collect_inputs(paths, values.out, values.allow_formats)
     batch = max(1, min(values.batch_size, len(files)))
-    scorer = load_scorer(values.model, values.workdir, batch_size=batch, step=values.step)
+    scorer = load_scorer(
+        values.model,
+        values.workdir,
+        batch_size=batch,
+        step=values.step,
+        expected_sha256=values.model_sha256 or None,
+    )
     line = resolve_threshold(scorer, values.threshold, values.category)
     for path, reason in failed:
-        _report_unreadable(path, reason)
-    n, unreadable = write_outputs(
+        _report_failure(path, reason)
+    written = write_outputs(
         scorer,
         files,
         values.out,
         line,
-        _report_unreadable,
+        _report_failure,
         values.progress,
         failed,
         values.category,
         values.threshold,
+        values.allow_formats,
     )
-    failed += unreadable
+    failed += written.failed
     flagged = "" if line[0] is None else f" (threshold {line[0]:.6g})"
+    unknown = f", {written.unknown} of an unknown class" if written.unknown else ""
     print(
-        f"grad_jax: scored {n} image(s){flagged}, {len(failed)} unreadable; results in {values.out}"
+        f"grad_jax: scored {written.scored} image(s){flagged}{unknown}, {len(failed)} not "
+        f"scored; results in {values.out}"
     )
     return EXIT_SOME_FAILED if failed else EXIT_OK
 

@@ -98,3 +98,81 @@ def test_bad_classes_are_refused():
         d.results(np.array([1.0]), np.zeros((1, 2, 2)), "c")
     with pytest.raises(ValueError, match="2 categories given for 1 images"):
         d.results(np.array([1.0]), np.zeros((1, 2, 2)), ["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------
+# Unknown kinds of part: a rejection radius per class (issue 18, item 4).
+# --------------------------------------------------------------------------------------------
+
+
+def _with_radii(radii):
+    meta = _meta()
+    meta["class_centres"]["radii"] = radii
+    return meta
+
+
+def test_an_image_far_from_every_class_is_an_unknown_class():
+    d = decisions.Decisions(_with_radii([2.0, 3.0]))  # centres (0, 0) and (10, 0)
+    pooled = np.array([[1.0, 0.0], [8.0, 0.0], [5.0, 5.0], [0.0, 2.0], [10.0, -3.0]])
+    out = d.results(np.array([0.35, 1.5, 9.0, 0.1, 0.5]), np.zeros((5, 2, 2)), None, pooled)
+    assert [p.category for p in out] == ["a", "b", None, "a", "b"]  # on the radius: known
+    assert [p.category_source for p in out] == ["recognised"] * 2 + ["unknown class"] + [
+        "recognised"
+    ] * 2
+    assert [p.threshold for p in out] == [0.39, 1.99, None, 0.39, 1.99]
+    assert [p.is_anomalous for p in out] == [False, False, None, False, False]
+    unknown = out[2]
+    assert unknown.ok and unknown.calibrated is None and unknown.score == 9.0
+    # nearest centre: 'a' at sqrt(50) = 7.071, beyond its radius 2
+    assert "7.071" in unknown.threshold_source and "radius 2" in unknown.threshold_source
+    assert "'a'" in unknown.threshold_source and unknown.threshold_source.startswith("none")
+
+
+def test_the_radius_of_the_nearest_class_decides():
+    """(6, 0) is 6 from 'a' (radius 7) and 4 from 'b' (radius 3): the nearest, 'b', rejects it."""
+    d = decisions.Decisions(_with_radii([7.0, 3.0]))
+    (p,) = d.results(np.array([1.0]), np.zeros((1, 2, 2)), None, np.array([[6.0, 0.0]]))
+    assert p.category is None and p.category_source == "unknown class"
+    assert "'b'" in p.threshold_source
+
+
+def test_no_rejection_when_the_class_is_given_or_has_no_radius():
+    d = decisions.Decisions(_with_radii([2.0, None]))
+    far = np.array([[50.0, 50.0]])
+    (p,) = d.results(np.array([1.0]), np.zeros((1, 2, 2)), "a", far)
+    assert (p.category, p.category_source, p.threshold) == ("a", "given", 0.39)
+    (p,) = d.results(np.array([1.0]), np.zeros((1, 2, 2)), None, np.array([[90.0, 0.0]]))
+    assert (p.category, p.category_source) == ("b", "recognised")  # 'b' stores no radius
+
+
+def test_an_unknown_class_is_not_decided_even_with_a_given_threshold():
+    d = decisions.Decisions(_with_radii([2.0, 3.0]))
+    (p,) = d.results(np.array([9.0]), np.zeros((1, 2, 2)), None, np.array([[5.0, 5.0]]), 1.0)
+    assert p.category is None and p.is_anomalous is None and p.threshold is None
+
+
+def test_radii_that_do_not_match_the_centres_are_refused():
+    with pytest.raises(ValueError, match="1 radii for 2 class centres"):
+        decisions.Decisions(_with_radii([2.0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite outputs: an error for that image, never a decision (issue 18, item 2).
+# --------------------------------------------------------------------------------------------
+
+
+def test_non_finite_outputs_are_errors_not_decisions():
+    d = decisions.Decisions(_meta())
+    maps = np.zeros((4, 2, 2))
+    maps[1, 0, 1] = np.inf
+    pooled = np.array([[1.0, 0.0], [1.0, 0.0], [np.nan, 0.0], [9.0, 0.0]])
+    out = d.results(np.array([np.nan, 0.5, 0.5, 0.5]), maps, None, pooled)
+    assert [p.ok for p in out] == [False, False, False, True]
+    assert "non-finite score" in out[0].error
+    assert "non-finite anomaly map" in out[1].error
+    assert "class cannot be recognised" in out[2].error
+    for p in out[:3]:
+        assert p.is_anomalous is None and p.threshold is None and p.calibrated is None
+    assert out[3].category == "b" and out[3].is_anomalous is False
+    (p,) = d.results(np.array([0.5]), maps[:1], "a", pooled[2:3])  # class given: not needed
+    assert p.ok and p.is_anomalous is True

@@ -1,19 +1,24 @@
 """grad_jax.export + grad_jax.inference.exported_model: the exported model scores like
 Predictor, loads with jax alone, refuses damaged or foreign files clearly, and decides per class."""
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export as jax_export
 from PIL import Image
 
 from grad_jax import export, predict
 from grad_jax.inference import exported_model
+from grad_jax.inference.scorer import Scorer
 from grad_jax.runs import run_folder
 from grad_jax.training import calibration
 from tests.conftest import ROOT
@@ -137,10 +142,13 @@ def test_meta_describes_the_model(run_dir, model_dir):
     )
     th = meta["threshold"]
     assert sorted(th["per_category"]) == list(CLASSES)
-    for name in CLASSES:  # each per-class threshold is the quantile of its stored scores
-        scores = th["normal_scores"][name]
-        assert th["per_category"][name] == pytest.approx(np.quantile(scores, th["quantile"]))
+    for name in CLASSES:  # each per-class threshold: the conformal rank of its stored scores
+        scores = sorted(th["normal_scores"][name])
+        k = math.ceil((len(scores) + 1) * (1 - th["target_false_alarm"]))
+        assert th["per_category"][name] == scores[min(k, len(scores)) - 1]
     assert meta["class_centres"]["names"] == list(CLASSES)
+    radii = run_folder.load_trained(run_dir).meta["class_centres"]["radii"]
+    assert meta["class_centres"]["radii"] == radii and len(radii) == 2  # carried into meta.json
     assert meta["config_fingerprint"]["data.image_size"] == [64, 64]
 
 
@@ -165,9 +173,13 @@ def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_d
     centres = predictor.meta["class_centres"]
     assert centres["num_images"] == [7, 7]
     for c in range(len(CLASSES)):
-        np.testing.assert_allclose(
-            centres["centres"][c], pooled[labels == c].mean(0), rtol=1e-4, atol=1e-5
-        )
+        mine = pooled[labels == c].astype(np.float64)
+        np.testing.assert_allclose(centres["centres"][c], mine.mean(0), rtol=1e-4, atol=1e-5)
+        # the rejection radius: the margin times the farthest training image from the centre
+        farthest = max(np.linalg.norm(x - mine.mean(0)) for x in mine)
+        assert centres["spread"][c] == pytest.approx(farthest, rel=1e-4)
+        assert centres["radii"][c] == pytest.approx(config.threshold.class_margin * farthest)
+    assert config.threshold.class_margin == 1.5
     # runs without the feature cache compute them with one backbone pass: the same centres
     from grad_jax.devices import sharding
 
@@ -177,6 +189,7 @@ def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_d
     )
     assert uncached["names"] == centres["names"] and uncached["num_images"] == [7, 7]
     np.testing.assert_allclose(uncached["centres"], centres["centres"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(uncached["radii"], centres["radii"], rtol=1e-4)
 
 
 def test_loader_imports_no_training_stack(model_dir):
@@ -274,7 +287,7 @@ def test_not_a_model_folder(tmp_path):
         exported_model.load_model(tmp_path)
 
 
-def test_decisions_per_class(model_dir, images):
+def test_decisions_per_class(model_dir, images, data):
     model = exported_model.load_model(model_dir)
     meta = model.meta
     th = meta["threshold"]
@@ -286,8 +299,12 @@ def test_decisions_per_class(model_dir, images):
             assert p.is_anomalous == (p.score >= p.threshold)
             normal = np.asarray(th["normal_scores"][name])
             assert p.calibrated == np.mean(normal < p.score)
-    recognised = model.predict(images[:2])
-    assert all(p.category in CLASSES and p.category_source == "recognised" for p in recognised)
+    for name in CLASSES:
+        files = sorted((data / name / "test").rglob("*.png"))
+        recognised = model.predict([Image.open(f) for f in files])
+        assert {(p.category, p.category_source) for p in recognised} == {(name, "recognised")}
+    noise = model.predict(images[:2])  # random pixels: no kind of part the model knows
+    assert all(p.unknown_class and p.category is None and p.is_anomalous is None for p in noise)
     with pytest.raises(ValueError, match="unknown class 'bottle'"):
         model.predict(images[:1], categories="bottle")
 
@@ -314,6 +331,209 @@ def test_recognition_accuracy_in_metrics_matches_the_exported_model(run_dir, mod
     for name in CLASSES:
         files = sorted((data / name / "test").rglob("*.png"))
         got = model.predict([Image.open(f) for f in files])
+        assert {p.category_source for p in got} == {"recognised"}  # none rejected as unknown
         accuracies.append(np.mean([p.category == name for p in got]))
         assert metrics[f"{name}/recognition_accuracy"] == pytest.approx(accuracies[-1])
     assert metrics["mean/recognition_accuracy"] == pytest.approx(np.mean(accuracies))
+
+
+def test_an_image_beyond_the_radius_is_an_unknown_class(model_dir, data):
+    """The trained radii keep a training image known; shrunk below its distance, the same
+    image is rejected as an unknown class (no threshold, no decision)."""
+    model = exported_model.load_model(model_dir)
+    image = Image.open(sorted((data / "wood" / "train").rglob("*.png"))[0])
+    (known,) = model.predict([image])
+    assert (known.category, known.category_source) == ("wood", "recognised")
+    centres = {**model.meta["class_centres"], "radii": [1e-6, 1e-6]}
+    strict = Scorer(model.program, model.spec, {**model.meta, "class_centres": centres}, 4)
+    (p,) = strict.predict([image])
+    assert p.ok and p.category is None and p.category_source == "unknown class"
+    assert p.is_anomalous is None and p.threshold is None and "beyond" in p.threshold_source
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite scores (issue 18, item 2): the exported model marks them as Predictor does.
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_non_finite_score_is_an_error_for_that_image(model_dir, images, monkeypatch):
+    model = exported_model.load_model(model_dir, batch_size=4)
+    real = model.program
+
+    class NanForSecondRow:
+        def rows(self, n):
+            return real.rows(n)
+
+        def __call__(self, x):
+            out = dict(real(x))
+            out["score"] = out["score"].copy()
+            out["score"][1] = np.nan
+            return out
+
+    want = model.predict(images[:3])
+    monkeypatch.setattr(model, "program", NanForSecondRow())
+    got = model.predict(images[:3])
+    assert [p.ok for p in got] == [True, False, True]
+    assert "non-finite score" in got[1].error and got[1].is_anomalous is None
+    for i in (0, 2):
+        assert got[i].score == want[i].score and got[i].is_anomalous == want[i].is_anomalous
+
+
+# --------------------------------------------------------------------------------------------
+# What loading a model folder trusts (issue 18, item 11).
+# --------------------------------------------------------------------------------------------
+
+
+def _replace_program(folder, exported):
+    """Put another program into the folder, with a consistent sha256 in meta.json."""
+    path = folder / exported_model.MODEL_FILE
+    path.write_bytes(exported.serialize())
+    _edit_meta(folder, model_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _program(hw=(64, 64), width=None, score_dtype=jnp.float32, extra=None):
+    """A stand-in predict program: uint8 [n, h, w, 3] -> raw, smoothed, score, pooled."""
+    (n,) = jax_export.symbolic_shape("n")
+
+    def predict(x):
+        gray = x.astype(jnp.float32).mean(-1)
+        if extra is not None:
+            gray = gray + extra(x)
+        return {
+            "raw": gray,
+            "smoothed": gray,
+            "score": gray.mean((1, 2)).astype(score_dtype),
+            "pooled": jnp.zeros((x.shape[0], width), jnp.float32),
+        }
+
+    spec = jax.ShapeDtypeStruct((n, *hw, 3), jnp.uint8)
+    return jax_export.export(jax.jit(predict), platforms=("cpu",))(spec)
+
+
+def _pooled_width(model_dir):
+    meta = json.loads(open(os.path.join(model_dir, exported_model.META_FILE)).read())
+    return len(meta["class_centres"]["centres"][0])
+
+
+def test_a_program_of_another_shape_is_refused(model_dir, tmp_path):
+    width = _pooled_width(model_dir)
+    cases = {
+        "input": (_program((32, 32), width), r"takes uint8\[n,32,32,3\].*\[n, 64, 64, 3\]"),
+        "dtype": (_program(width=width, score_dtype=jnp.float16), r"'score' float16\[n\]"),
+        "pooled": (_program(width=width + 1), rf"'pooled' float32\[n,{width + 1}\]"),
+    }
+    for name, (program, message) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(model_dir, folder)
+        _replace_program(folder, program)
+        with pytest.raises(exported_model.ModelFileError, match=message):
+            exported_model.load_model(folder)
+    folder = tmp_path / "fits"  # guards the cases: the same stand-in with the right shapes loads
+    shutil.copytree(model_dir, folder)
+    _replace_program(folder, _program(width=width))
+    assert exported_model.load_model(folder).predict(images_of(1))[0].ok
+
+
+def images_of(n):
+    return [np.full((10, 12, 3), 7 * i, np.uint8) for i in range(n)]
+
+
+def test_custom_calls_outside_the_allow_list_are_refused(model_dir, tmp_path):
+    def solve(x):  # LAPACK on cpu: a custom call our own exports never make
+        m = jnp.eye(3) + x[:1, :3, :3, 0].astype(jnp.float32)[0] / 1000
+        return jnp.linalg.inv(m)[0, 0] * 0
+
+    folder = _copy(model_dir, tmp_path)
+    _replace_program(folder, _program(width=_pooled_width(model_dir), extra=solve))
+    with pytest.raises(exported_model.ModelFileError, match="lapack_sgetrf_ffi.*shape_assertion"):
+        exported_model.load_model(folder)
+
+
+def test_the_allow_list_is_what_our_exports_use(model_dir):
+    exported = jax_export.deserialize(
+        bytearray(open(os.path.join(model_dir, exported_model.MODEL_FILE), "rb").read())
+    )
+    targets = exported_model.custom_call_targets(exported.mlir_module())
+    assert targets == {"shape_assertion"} == set(exported_model.ALLOWED_CUSTOM_CALLS)
+    with pytest.raises(ValueError, match="cannot tell"):
+        exported_model.custom_call_targets('"stablehlo.custom_call"(%0) {x}')
+
+
+def test_effects_and_host_transfers_are_refused(model_dir):
+    exported = jax_export.deserialize(
+        bytearray(open(os.path.join(model_dir, exported_model.MODEL_FILE), "rb").read())
+    )
+    meta = json.loads(open(os.path.join(model_dir, exported_model.META_FILE)).read())
+
+    class WithEffects:
+        def __getattr__(self, name):
+            return getattr(exported, name)
+
+        ordered_effects = ("an io_callback",)
+
+    with pytest.raises(exported_model.ModelFileError, match="effects"):
+        exported_model.check_program(WithEffects(), meta, "m")
+
+    class Callback(WithEffects):
+        ordered_effects = ()
+
+        def mlir_module(self):
+            return (
+                exported.mlir_module()
+                + "\n%9 = stablehlo.custom_call @xla_ffi_python_cpu_callback(%0)"
+            )
+
+    with pytest.raises(exported_model.ModelFileError, match="xla_ffi_python_cpu_callback"):
+        exported_model.check_program(Callback(), meta, "m")
+
+    class Outfeed(Callback):
+        def mlir_module(self):
+            return exported.mlir_module() + '\n%9 = "stablehlo.outfeed"(%0, %1)'
+
+    with pytest.raises(exported_model.ModelFileError, match="outfeed"):
+        exported_model.check_program(Outfeed(), meta, "m")
+    exported_model.check_program(exported, meta, "m")  # the real one passes
+
+
+def test_a_pinned_digest_refuses_an_edited_threshold(model_dir, tmp_path):
+    digest = exported_model.folder_digest(model_dir)
+    meta_bytes = open(os.path.join(model_dir, exported_model.META_FILE), "rb").read()
+    assert digest == hashlib.sha256(meta_bytes).hexdigest()  # sha256sum meta.json
+    pinned = exported_model.load_model(model_dir, expected_sha256=digest.upper())
+    assert pinned.categories == list(CLASSES)
+
+    folder = _copy(model_dir, tmp_path)
+    meta = json.loads((folder / exported_model.META_FILE).read_text())
+    meta["threshold"]["per_category"] = {k: 1e9 for k in meta["threshold"]["per_category"]}
+    (folder / exported_model.META_FILE).write_text(json.dumps(meta))
+    edited = exported_model.load_model(folder)  # unpinned: a folder is trusted as it is
+    assert edited.category_thresholds == {k: 1e9 for k in CLASSES}
+    with pytest.raises(exported_model.ModelFileError, match="meta.json has sha256 .* pinned"):
+        exported_model.load_model(folder, expected_sha256=digest)
+    program_sha = meta["model_sha256"]
+    with pytest.raises(exported_model.ModelFileError, match="model.jaxexport alone"):
+        exported_model.load_model(model_dir, expected_sha256=program_sha)
+    with pytest.raises(exported_model.ModelFileError, match="64 hexadecimal"):
+        exported_model.load_model(model_dir, expected_sha256="abc")
+
+
+def test_export_prints_the_digest_and_predict_checks_it(run_dir, model_dir, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert export.main(["export", f"--workdir={run_dir}", f"--out={out}", "--platforms=cpu"]) == 0
+    digest = hashlib.sha256((out / exported_model.META_FILE).read_bytes()).hexdigest()
+    assert f"--model_sha256={digest}" in capsys.readouterr().out
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(image)
+    base = ["predict", "--noprogress", f"--model={out}"]
+    assert (
+        predict.main([*base, f"--out={tmp_path / 'ok'}", f"--model_sha256={digest}", str(image)])
+        == 0
+    )
+    wrong = "0" * 64
+    rc = predict.main([*base, f"--out={tmp_path / 'bad'}", f"--model_sha256={wrong}", str(image)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pinned" in err and not os.path.exists(tmp_path / "bad")
+    run = ["predict", f"--workdir={run_dir}", f"--out={tmp_path / 'r'}", f"--model_sha256={digest}"]
+    assert predict.main([*run, str(image)]) == 2
+    assert "--model_sha256 pins an exported model folder" in capsys.readouterr().err

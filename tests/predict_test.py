@@ -220,17 +220,27 @@ def test_cli_writes_every_output(good_run, good_dir, trained):
     rc, out = good_run
     assert rc == 0
     header, rows = _read_csv(out)
-    assert header == ["file", "score", "decision", "threshold", "category", "calibrated", "overlay"]
+    assert header == [
+        "file",
+        "path",
+        "score",
+        "decision",
+        "threshold",
+        "category",
+        "calibrated",
+        "overlay",
+    ]
     assert [r[0] for r in rows] == GOOD_KEYS  # sorted, recursive, hidden and .txt left out
+    assert [r[1] for r in rows] == [str(good_dir / k) for k in GOOD_KEYS]  # the input as given
     th = trained.threshold
     normal = np.asarray(trained.meta["threshold"]["normal_scores"]["hex_nut"])
-    for _, score, decision, threshold, category, calibrated, _ in rows:
+    for _, _, score, decision, threshold, category, calibrated, _ in rows:
         assert np.isfinite(float(score))
         assert float(threshold) == th
         assert decision == ("anomalous" if float(score) >= th else "normal")
         assert category == "hex_nut"  # the run's only class
         assert float(calibrated) == np.mean(normal < float(score))
-    assert {r[0]: r[6] for r in rows} == OVERLAY_NAMES
+    assert {r[0]: r[7] for r in rows} == OVERLAY_NAMES
     with np.load(out / "maps.npz") as maps:
         assert sorted(maps.files) == GOOD_KEYS
         for key in GOOD_KEYS:
@@ -251,7 +261,7 @@ def test_cli_scores_match_predict_fn_and_api(good_run, good_dir, trained, predic
     """Independent check: Pillow decode + resize, then the jitted predict function itself."""
     _, out = good_run
     _, rows = _read_csv(out)
-    cli_scores = {r[0]: float(r[1]) for r in rows}
+    cli_scores = {r[0]: float(r[2]) for r in rows}
     batch = np.stack([_resize(_expected_rgb(good_dir / k), SIZE) for k in GOOD_KEYS])
     expected = device_program.make_predict_fn(trained.variables, trained.config)(batch)
     got = [cli_scores[k] for k in GOOD_KEYS]
@@ -296,7 +306,7 @@ def test_bad_files_are_named_and_the_rest_scored(run_dir, good_dir, bad_dir, tmp
         assert maps.files == ["rgb.png"]
     assert os.listdir(out / "overlays") == ["rgb.png"]
     readme = (out / "README.txt").read_text()
-    assert "1 scored, 5 unreadable" in readme
+    assert "1 scored, 5 not scored" in readme
     assert str(missing) in readme and str(bad_dir / "zero.png") in readme
     assert "1 image(s)" in stdout
 
@@ -356,19 +366,19 @@ def test_usage_errors_exit_2(run_dir, good_dir, tmp_path, capsys):
 
 def test_threshold_override_and_category(run_dir, good_dir, trained, good_run, tmp_path, capsys):
     _, rows = _read_csv(good_run[1])
-    distinct = sorted({float(r[1]) for r in rows})
+    distinct = sorted({float(r[2]) for r in rows})
     assert len(distinct) > 3
     middle = (distinct[1] + distinct[2]) / 2  # some images below it, most above
-    below = sum(float(r[1]) < middle for r in rows)
+    below = sum(float(r[2]) < middle for r in rows)
     out = tmp_path / "given"
     argv = [f"--workdir={run_dir}", f"--out={out}", f"--threshold={middle}", good_dir]
     assert _cli(argv, capsys)[0] == 0
     _, rows = _read_csv(out)
-    assert {r[3] for r in rows} == {repr(middle)}
-    decisions = [r[2] for r in rows]
+    assert {r[4] for r in rows} == {repr(middle)}
+    decisions = [r[3] for r in rows]
     assert decisions.count("normal") == below >= 2
     assert decisions.count("anomalous") == len(rows) - below >= 2
-    for _, score, decision, *_ in rows:
+    for _, _, score, decision, *_ in rows:
         assert (decision == "anomalous") == (float(score) >= middle)
     readme = (out / "README.txt").read_text()
     assert f"Decision threshold: {middle!r} (given with --threshold)" in readme
@@ -379,7 +389,7 @@ def test_threshold_override_and_category(run_dir, good_dir, trained, good_run, t
     argv = [f"--workdir={run_dir}", f"--out={out}", "--category=hex_nut", good_dir / "rgb.png"]
     assert _cli(argv, capsys)[0] == 0
     _, rows = _read_csv(out)
-    assert float(rows[0][3]) == per_category
+    assert float(rows[0][4]) == per_category
     assert "class 'hex_nut'" in (out / "README.txt").read_text()
 
 
@@ -388,12 +398,12 @@ def test_without_threshold_overlays_use_the_run_range(predictor, good_dir, tmp_p
     out = tmp_path / "out"
     files, failed = predict.collect_inputs([str(good_dir / "rgb.png"), str(good_dir / "big.png")])
     assert failed == []
-    n, unreadable = predict.write_outputs(
+    written = predict.write_outputs(
         bare, files, str(out), (None, "none"), lambda *a: None, progress=False
     )
-    assert (n, unreadable) == (2, [])
+    assert written == (2, [], 0)
     _, rows = _read_csv(out)
-    assert [(r[2], r[3]) for r in rows] == [("", ""), ("", "")]
+    assert [(r[3], r[4]) for r in rows] == [("", ""), ("", "")]
     with np.load(out / "maps.npz") as maps:
         lo = min(maps[k].min() for k in maps.files)
         hi = max(maps[k].max() for k in maps.files)
@@ -419,9 +429,10 @@ def test_same_names_get_unique_deterministic_keys(good_dir, tmp_path):
     assert failed == []
     assert files == [
         (os.path.join(str(a), "x", "img.png"), "x/img.png"),
-        (os.path.join(str(b), "x", "IMG.png"), "x/IMG_2.png"),  # case-insensitive clash
-        (os.path.join(str(b), "x", "img.png"), "x/img_3.png"),
-        (os.path.join(str(b), "x", "img_2.png"), "x/img_2_2.png"),
+        # a case-insensitive clash; x/img_2.png is another input's own name: never given away
+        (os.path.join(str(b), "x", "IMG.png"), "x/IMG_3.png"),
+        (os.path.join(str(b), "x", "img.png"), "x/img_4.png"),
+        (os.path.join(str(b), "x", "img_2.png"), "x/img_2.png"),
         # a/x/img.png again: the same file, scored once
         (str(good_dir / "rgb.png"), "rgb.png"),
     ]
@@ -604,9 +615,9 @@ def test_module_entry_point(run_dir, good_dir, good_run, tmp_path):
     assert f"grad_jax: cannot read {missing}: no such file or folder" in proc.stderr
     assert re.search(r"predict: 100%.*1/1", proc.stderr)  # the progress bar
     _, rows = _read_csv(out)
-    reference = {r[0]: float(r[1]) for r in _read_csv(good_run[1])[1]}
+    reference = {r[0]: float(r[2]) for r in _read_csv(good_run[1])[1]}
     assert [r[0] for r in rows] == ["gray.png"]
-    assert float(rows[0][1]) == pytest.approx(reference["gray.png"], rel=1e-5)
+    assert float(rows[0][2]) == pytest.approx(reference["gray.png"], rel=1e-5)
 
 
 def test_to_rgb8_rejects_unsupported_pillow_modes():

@@ -337,3 +337,36 @@ def test_overlay_is_red_where_the_map_is_high_and_blue_where_low():
     np.testing.assert_array_equal(heatmap.overlay(image, anomaly, 0.0, 1.0, alpha=0.0), image)
     with pytest.raises(ValueError):
         heatmap.overlay(image, anomaly[:4], 0.0, 1.0)
+
+
+def test_no_pro_plot_without_a_masked_defect_and_conformal_thresholds_per_class(tmp_path):
+    """A split whose defects have no masks gets no PRO figure (nothing to show), and the
+    threshold table shows each class's threshold with its guarantee, measured false alarms
+    and misses."""
+    r = make_category("plate", n_good=4, n_bad=4, seed=5, scores=[0.1, 0.2, 0.3, 0.9] + [0.8] * 4)
+    r.has_mask = np.array([True] * 4 + [False] * 4)  # defect folders without ground truth
+    threshold = {
+        "image_score": 0.35,
+        "rule": "conformal",
+        "target_false_alarm": 0.01,
+        "num_images": 9,
+        "per_category": {"plate": 0.25},
+        "guarantee": {
+            "run": {"guarantee": 0.1, "text": "the 9th smallest of 9 held-out normal scores"},
+            "per_category": {"plate": {"n": 9, "guarantee": 0.1}},
+        },
+        "source": "held-out normal training images (never trained on)",
+    }
+    values = all_metrics([r])
+    # measured at the class's threshold 0.25: good 0.3 and 0.9 flagged (2 of 4), no defect missed
+    values.update({"plate/false_alarm_rate": 0.5, "plate/miss_rate": 0.0})
+    write_report(str(tmp_path), [r], values, threshold)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert not (tmp_path / "report" / "pro_pixel.png").exists()
+    assert "pro_pixel.png" not in page
+    assert (tmp_path / "report" / "roc_image.png").exists()
+    parser = _Tables()
+    parser.feed(page)
+    rows = [row for table in parser.tables for row in table if row and row[0] == "plate"]
+    assert ["plate", "0.25", "9", "10.0", "50.0", "0.0"] in rows
+    assert "conformal quantile" in page and "1.0%" in page

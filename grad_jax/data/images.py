@@ -1,5 +1,8 @@
 """Image conversion shared by training, `Predictor` and the exported model (numpy + Pillow only).
 
+Files are read as training reads them: PNG, JPEG, BMP and TIFF only (others when the caller
+allows them), one frame only (`read_image`).
+
 Any supported image becomes `[H, W, 3]` uint8 exactly as the data loader converts files
 (`tfds_mvtec` layout rules: 16-bit scaled, grayscale replicated, alpha dropped, palettes
 expanded), then is resized to the model input size with Pillow bilinear (antialiased when
@@ -9,7 +12,7 @@ shrinking, as the reference's torchvision Resize on PIL images).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,9 +67,16 @@ def to_rgb8(image: Any, name: str = "<image>") -> np.ndarray:
     return np.asarray(layout.to_rgb8(Image.fromarray(np.ascontiguousarray(array)), name))
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as `[H, W, 3]` uint8 at its own size; BadImageError if it cannot be read."""
-    image = layout.open_image(layout.read_bytes(path), path)
+def read_image(path: str | os.PathLike, allow_formats: Iterable[str] = ()) -> np.ndarray:
+    """An image file as `[H, W, 3]` uint8 at its own size; BadImageError if it cannot be read.
+
+    The file's content (not its name) must be PNG, JPEG, BMP or TIFF, or one of the Pillow
+    formats named in `allow_formats` (e.g. `('WEBP',)`): no other decoder runs on it. An animated
+    or multi-page file is refused with its frame count (see `tfds_mvtec` layout `open_image`).
+    ValueError for a format name Pillow does not know.
+    """
+    formats = layout.accepted_formats(allow_formats)
+    image = layout.open_image(layout.read_bytes(path), path, formats)
     try:
         return np.asarray(layout.to_rgb8(image, path))
     except (ValueError, OSError) as err:

@@ -8,11 +8,16 @@ model's meta (a JSON-able dict):
   images: `image_score` (all classes), `per_category` (class -> threshold), `quantile`,
   `normal_scores` (class -> the held-out normal images' scores behind them), `source`;
 - `meta["class_centres"]`: `names` and `centres` (`[K, D]`), the mean pooled backbone feature of
-  each class's training images, for recognising the class of an image;
+  each class's training images, for recognising the class of an image, and `radii` (`[K]`,
+  None for a class without one): how far from its centre an image may lie and still be that
+  class (`grad_jax.training.calibration.class_centres`). A recognised image farther from its
+  nearest centre than that class's radius is an unknown kind of part: no class, no threshold,
+  no decision (`UNKNOWN_CLASS`);
 - `meta["categories"]`: the class names, in training order.
 
-Runs trained before these were stored lack `normal_scores` (no calibrated value) or
-`class_centres` (no recognition); the results then say so in `threshold_source`.
+Runs trained before these were stored lack `normal_scores` (no calibrated value),
+`class_centres` (no recognition) or `radii` (every image is some class); the results then say
+so in `threshold_source`.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+#: `Prediction.category_source` of an image that is none of the model's classes.
+UNKNOWN_CLASS = "unknown class"
 
 #: Why an unknown class cannot be recognised in a model without class centres.
 NO_CENTRES = (
@@ -40,13 +48,16 @@ class Prediction:
         (before the smoothing that the score is computed from).
     is_anomalous: `score >= threshold`, or None when no threshold is known.
     category: the class the decision was made for (given by the caller, or recognised), or
-        None when unknown.
+        None when unknown (`category_source` says whether it is an unknown kind of part).
     calibrated: the fraction of that class's held-out normal images that scored lower (0.999:
         more anomalous than 99.9% of normal parts), or None when the model has no such scores.
     threshold: the threshold the decision used, or None.
     threshold_source: where the threshold (and the class) came from, in words.
-    category_source: 'given', 'recognised', 'only class' or '' (unknown).
-    error: why the image has no result (e.g. the model gave a non-finite score), or None. An
+    category_source: 'given', 'recognised', 'only class', 'unknown class' (farther from every
+        class centre than that class's radius: not decided, `threshold_source` says how far),
+        or '' (no class could be found).
+    error: why the image has no result (the model gave a non-finite score, map or feature),
+        or None. An
         image with an error has no decision and no calibrated value; every consumer (predict,
         the service, the page) reports it as a failure naming the image, never as a decision.
     """
@@ -65,6 +76,11 @@ class Prediction:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def unknown_class(self) -> bool:
+        """True for an image recognised as none of the model's classes (no decision)."""
+        return self.category_source == UNKNOWN_CLASS
+
 
 def calibrated_value(score: float, normal_scores: Sequence[float] | np.ndarray) -> float | None:
     """The fraction of `normal_scores` strictly below `score` (None if there are none)."""
@@ -74,16 +90,33 @@ def calibrated_value(score: float, normal_scores: Sequence[float] | np.ndarray) 
     return float(np.searchsorted(normal, score, side="left") / normal.size)
 
 
-def nearest_centre(pooled: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Index of the nearest centre (Euclidean) for each row: `[N, D]`, `[K, D]` -> `[N]` int."""
+def centre_distances(pooled: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each row to each centre: `[N, D]`, `[K, D]` -> `[N, K]` float64."""
     pooled = np.asarray(pooled, np.float64)
     centres = np.asarray(centres, np.float64)
     if pooled.ndim != 2 or centres.ndim != 2 or pooled.shape[1] != centres.shape[1]:
         raise ValueError(f"pooled {pooled.shape} and centres {centres.shape} do not match")
-    d2 = (
-        (pooled**2).sum(1)[:, None] - 2.0 * pooled @ centres.T + (centres**2).sum(1)[None, :]
-    )  # [N, K]
-    return np.argmin(d2, axis=1)
+    d2 = (pooled**2).sum(1)[:, None] - 2.0 * pooled @ centres.T + (centres**2).sum(1)[None, :]
+    return np.sqrt(np.maximum(d2, 0.0))
+
+
+def nearest_centre(pooled: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre (Euclidean) for each row: `[N, D]`, `[K, D]` -> `[N]` int."""
+    return np.argmin(centre_distances(pooled, centres), axis=1)
+
+
+class ClassFound(NamedTuple):
+    """The class of one image and how it was found (`Decisions.categories_for`).
+
+    category: the class, or None; how: 'given', 'only class', 'recognised', 'unknown class'
+    or '' (none could be found); note: for an unknown class, how far the image lies and the
+    radius it exceeds; error: why the class cannot be recognised (non-finite features), or None.
+    """
+
+    category: str | None
+    how: str
+    note: str = ""
+    error: str | None = None
 
 
 class Decisions:
@@ -106,6 +139,17 @@ class Decisions:
         self.centres = (
             np.asarray(centres["centres"], np.float32) if self.centre_names else np.zeros((0, 0))
         )
+        radii = centres.get("radii") if self.centre_names else None
+        if radii is not None and len(radii) != len(self.centre_names):
+            raise ValueError(
+                f"the model's class_centres hold {len(radii)} radii for "
+                f"{len(self.centre_names)} class centres: export or retrain the model"
+            )
+        #: Per class, the farthest an image may lie from its centre (None: no limit).
+        self.radii: list[float | None] = [
+            None if r is None else float(r) for r in (radii or [None] * len(self.centre_names))
+        ]
+        self.margin = centres.get("margin")
         names = meta.get("categories") or self.centre_names or sorted(self.per_category)
         self.categories: list[str] = [str(n) for n in names]
 
@@ -115,9 +159,10 @@ class Decisions:
 
     def categories_for(
         self, n: int, categories: Sequence[str | None] | str | None, pooled: np.ndarray | None
-    ) -> list[tuple[str | None, str]]:
-        """(class, how it was found) for `n` images: from the caller, the only class, recognised
-        from `pooled` (`[n, D]`), or (None, '') when none of these is possible."""
+    ) -> list[ClassFound]:
+        """The class of each of `n` images: from the caller, the only class, recognised from
+        `pooled` (`[n, D]`), an unknown class (its nearest centre farther than that class's
+        radius), or none when none of these is possible (see `ClassFound`)."""
         if categories is None or isinstance(categories, str):
             wanted: list[str | None] = [categories] * n
         else:
@@ -129,20 +174,41 @@ class Decisions:
                 raise ValueError(
                     f"unknown class {c!r}; this model knows: {', '.join(self.categories)}"
                 )
-        out: list[tuple[str | None, str]] = []
-        recognised: np.ndarray | None = None
+        out: list[ClassFound] = []
+        distances: np.ndarray | None = None
+        pooled = None if pooled is None else np.asarray(pooled, np.float64)
         for i, c in enumerate(wanted):
             if c is not None:
-                out.append((c, "given"))
+                out.append(ClassFound(c, "given"))
             elif len(self.categories) == 1:
-                out.append((self.categories[0], "only class"))
+                out.append(ClassFound(self.categories[0], "only class"))
             elif self.can_recognise and pooled is not None:
-                if recognised is None:
-                    recognised = nearest_centre(pooled, self.centres)
-                out.append((self.centre_names[int(recognised[i])], "recognised"))
+                if distances is None:
+                    finite = np.where(np.isfinite(pooled), pooled, 0.0)
+                    distances = centre_distances(finite, self.centres)
+                if not np.isfinite(pooled[i]).all():
+                    why = "the model gave non-finite pooled features; the class cannot be "
+                    out.append(ClassFound(None, "", error=why + "recognised (pass it explicitly)"))
+                    continue
+                k = int(np.argmin(distances[i]))
+                out.append(self._recognised(k, float(distances[i, k])))
             else:
-                out.append((None, ""))
+                out.append(ClassFound(None, ""))
         return out
+
+    def _recognised(self, k: int, distance: float) -> ClassFound:
+        """The class of an image whose nearest centre is `k`, at `distance`."""
+        name, radius = self.centre_names[k], self.radii[k]
+        if radius is None or distance <= radius:
+            return ClassFound(name, "recognised")
+        margin = f"{self.margin:g} x " if isinstance(self.margin, int | float) else ""
+        return ClassFound(
+            None,
+            UNKNOWN_CLASS,
+            f"none: unknown class: the image's backbone features are {distance:.4g} from the "
+            f"nearest class centre ('{name}'), beyond that class's radius {radius:.4g} ({margin}"
+            "the farthest of its training images); not decided (pass the class to decide it)",
+        )
 
     def threshold_for(
         self, category: str | None, given: float | None = None
@@ -186,43 +252,50 @@ class Decisions:
         threshold: float | None = None,
     ) -> list[Prediction]:
         """Predictions for `scores` `[n]`, `raw_maps` (n maps) and `pooled` `[n, D]`, decided
-        with `threshold` when it is given, else each image's class's stored threshold."""
+        with `threshold` when it is given, else each image's class's stored threshold. An image
+        recognised as an unknown class is not decided (not even with `threshold`); an image with
+        a non-finite score or map (or pooled features, where its class must be recognised) is a
+        `Prediction` with an `error`."""
         n = len(scores)
         out = []
-        for i, (category, how) in enumerate(self.categories_for(n, categories, pooled)):
+        for i, (category, how, note, why) in enumerate(self.categories_for(n, categories, pooled)):
             score = float(scores[i])
+            raw = np.asarray(raw_maps[i], np.float32)
             if not math.isfinite(score):
-                out.append(_failed(score, raw_maps[i], category, how))
+                error = f"the model gave a non-finite score ({score}); the image was not decided"
+                out.append(_failed(score, raw, category, how, error))
+                continue
+            if not np.isfinite(raw).all():
+                error = "the model gave a non-finite anomaly map; the image was not decided"
+                out.append(_failed(score, raw, category, how, error))
+                continue
+            if why is not None:
+                out.append(_failed(score, raw, category, how, why))
+                continue
+            if how == UNKNOWN_CLASS:
+                out.append(Prediction(score, raw, None, None, None, None, note, how))
                 continue
             used, source = self.threshold_for(category, threshold)
             decision = None if used is None else bool(score >= used)
             if how == "recognised":
                 source += "; class recognised from the image's backbone features"
-            out.append(
-                Prediction(
-                    score,
-                    np.asarray(raw_maps[i], np.float32),
-                    decision,
-                    category,
-                    self.calibrated_for(score, category),
-                    used,
-                    source,
-                    how,
-                )
-            )
+            calibrated = self.calibrated_for(score, category)
+            out.append(Prediction(score, raw, decision, category, calibrated, used, source, how))
         return out
 
 
-def _failed(score: float, raw_map: np.ndarray, category: str | None, how: str) -> Prediction:
+def _failed(
+    score: float, raw_map: np.ndarray, category: str | None, how: str, error: str
+) -> Prediction:
     """The result of an image the model could not score: no decision, an error saying why."""
     return Prediction(
         score,
-        np.asarray(raw_map, np.float32),
+        raw_map,
         None,
         category,
         category_source=how,
         threshold_source="none: no decision",
-        error=f"the model gave a non-finite score ({score}); the image was not decided",
+        error=error,
     )
 
 

@@ -21,16 +21,24 @@ def load_scorer(
     workdir: str | None = None,
     batch_size: int = 8,
     step: int | None = None,
+    expected_sha256: str | None = None,
 ) -> Scorer:
-    """The model of an exported folder (`model_dir`) or of a run folder (`workdir`, at its latest
-    checkpoint or `step`): exactly one of the two. Raises UsageError, ModelFileError or
-    RunFolderError with a message that says what to do."""
+    """The model of an exported folder (`model_dir`, refused unless its digest is
+    `expected_sha256` when that is given: see `exported_model.load_model`) or of a run folder
+    (`workdir`, at its latest checkpoint or `step`): exactly one of the two. Raises UsageError,
+    ModelFileError or RunFolderError with a message that says what to do."""
     if (model_dir is None) == (workdir is None):
         raise UsageError("give exactly one of --model=MODEL_DIR and --workdir=RUN_DIR")
     if model_dir is not None:
         if step is not None:
             raise UsageError("--step applies to a run folder (--workdir), not to an exported model")
-        return exported_model.load_model(model_dir, batch_size=batch_size)
+        return exported_model.load_model(
+            model_dir, batch_size=batch_size, expected_sha256=expected_sha256
+        )
+    if expected_sha256 is not None:
+        raise UsageError(
+            "--model_sha256 pins an exported model folder (--model), not a run folder (--workdir)"
+        )
     from grad_jax.inference import predictor  # the training stack: only for run folders
 
     return predictor.Predictor.from_workdir(workdir, step=step, batch_size=batch_size)

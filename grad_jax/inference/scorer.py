@@ -10,9 +10,10 @@ model, the inspection service, the predict command):
 - running the program, and for tiled models cutting tiles, stitching their raw maps (overlaps
   averaged) and finishing the stitched map (smoothing and image score) exactly as evaluation
   does (`score_tiles`);
-- deciding: the class (given, the only one, or recognised), the threshold (the caller's for this
-  call, else the class's or the run's; resolved in `grad_jax.inference.decisions`), the
-  calibrated value;
+- deciding: the class (given, the only one, recognised, or an unknown kind of part), the
+  threshold (the caller's for this call, else the class's or the run's; resolved in
+  `grad_jax.inference.decisions`), the calibrated value; a non-finite output is an error for
+  that image (`Prediction.error`), never a decision;
 - the overlay colour rule (`colour_range`).
 
 `Predictor` and `ExportedModel` differ only in where the program comes from.
@@ -150,7 +151,8 @@ def score_tiles(
 ) -> list[dict[str, np.ndarray]]:
     """Whole images (each `[H, W, 3]` uint8, already at its tiling scale, sizes may differ) by
     their tiles: {'raw', 'smoothed': `[H, W]`, 'score': scalar, 'pooled': `[D]` (the mean over
-    the image's tiles)} per image.
+    the image's tiles)} per image, plus every other raw map the program gives ('raw_<kind>'),
+    stitched the same way.
 
     Every tile goes through `program` (in chunks of `batch_size` tiles); an image's tile maps
     are stitched (overlaps averaged), then the stitched map is smoothed and scored as a whole.
@@ -162,10 +164,14 @@ def score_tiles(
     results, start = [], 0
     for image, b in zip(images, boxes, strict=True):
         end = start + len(b)
-        raw = tiling.stitch(out["raw"][start:end], b, image.shape[:2])
-        smoothed, score = finish_maps(raw[None], spec.smooth_size, spec.score_pool)
+        maps = {
+            k: tiling.stitch(v[start:end], b, image.shape[:2])
+            for k, v in out.items()
+            if k.startswith("raw")
+        }
+        smoothed, score = finish_maps(maps["raw"][None], spec.smooth_size, spec.score_pool)
         pooled = out["pooled"][start:end].mean(axis=0)
-        results.append({"raw": raw, "smoothed": smoothed[0], "score": score[0], "pooled": pooled})
+        results.append({**maps, "smoothed": smoothed[0], "score": score[0], "pooled": pooled})
         start = end
     return results
 
@@ -235,6 +241,12 @@ def failure_reason(err: BaseException) -> str:
     if isinstance(err, layout.BadImageError):
         return err.reason
     return str(err) or type(err).__name__
+
+
+class ScoringFailure(str):
+    """The reason `Scorer.iter_files` gives for a file that was read but has no result (the
+    model gave a non-finite output: `Prediction.error`), as opposed to a file that could not
+    be read (a plain str)."""
 
 
 Categories = Sequence[str | None] | str | None
@@ -393,14 +405,18 @@ class Scorer:
         paths: Iterable[str | os.PathLike],
         category: str | None = None,
         threshold: float | None = None,
+        allow_formats: Iterable[str] = (),
     ) -> Iterator[tuple[str, np.ndarray | None, Prediction | None, str | None]]:
         """`(path, original RGB image, prediction, None)` or `(path, None, None, reason)` per
-        path, in order: a file that cannot be read, or whose prediction has an `error`, is a
-        failure with its reason. Files are decoded on background threads, a few batches ahead."""
+        path, in order: a file that cannot be read (`grad_jax.data.images.read_image`: PNG,
+        JPEG, BMP, TIFF and the formats in `allow_formats`, one frame), or whose prediction has
+        an `error` (then `reason` is a `ScoringFailure`), is a failure with its reason. Files
+        are decoded on background threads, a few batches ahead."""
         paths = [os.fspath(p) for p in paths]
+        allow_formats = tuple(allow_formats)
 
         def load(path: str) -> tuple[np.ndarray, np.ndarray]:
-            original = image_lib.read_image(path)
+            original = image_lib.read_image(path, allow_formats)
             return original, self.prepare_rgb(original)
 
         pending: list[tuple[str, Any, str | None]] = []  # (path, images or None, reason)
@@ -416,7 +432,7 @@ class Scorer:
                 if prediction.ok:
                     yield path, images[0], prediction, None
                 else:  # scored, but without a usable result: a failure naming the file
-                    yield path, None, None, prediction.error
+                    yield path, None, None, ScoringFailure(prediction.error)
 
         with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
             queue: collections.deque = collections.deque()
@@ -447,10 +463,14 @@ class Scorer:
         paths: Iterable[str | os.PathLike],
         category: str | None = None,
         threshold: float | None = None,
+        allow_formats: Iterable[str] = (),
     ) -> tuple[list[tuple[str, Prediction]], list[tuple[str, str]]]:
-        """`([(path, prediction)], [(path, reason)])`: the scored files and the unreadable ones."""
+        """`([(path, prediction)], [(path, reason)])`: the scored files, and those that could not
+        be read or have no result (see `iter_files`)."""
         ok, failed = [], []
-        for path, _, prediction, reason in self.iter_files(paths, category, threshold):
+        for path, _, prediction, reason in self.iter_files(
+            paths, category, threshold, allow_formats
+        ):
             if prediction is None:
                 failed.append((path, reason))
             else:

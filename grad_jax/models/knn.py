@@ -293,11 +293,14 @@ def knn_map(
 ) -> jax.Array:
     """Neck features `[B, h, w, C]` and bank `[M, C]` -> anomaly map `[B, h*upsample,
     w*upsample]` float32: each patch's (`patch_features`) distance to its nearest bank entry,
-    upsampled like GRAD's map (align-corners bilinear, `grid_ops.resize_align_corners`)."""
-    b, h, w, c = x.shape
-    patches = patch_features(x, patch_size).reshape(b * h * w, c)
-    distance = nearest_distances(patches, bank, **chunks).reshape(b, h, w)
-    return resize_align_corners(distance, (h * upsample, w * upsample))
+    upsampled like GRAD's map (align-corners bilinear, `grid_ops.resize_align_corners`). The
+    batch may be a symbolic dimension (`jax.export`)."""
+    _, h, w, c = x.shape
+    patches = patch_features(x, patch_size).reshape(-1, h * w, c)
+    # One image at a time: every shape inside is static, so the batch may be symbolic (an
+    # exported program's), and memory stays one image's blocks.
+    distance = jax.lax.map(lambda p: nearest_distances(p, bank, **chunks), patches)
+    return resize_align_corners(distance.reshape(-1, h, w), (h * upsample, w * upsample))
 
 
 # --------------------------------------------------------------------------------------------

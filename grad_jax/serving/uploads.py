@@ -6,9 +6,12 @@ problem, so a service can answer it as it is and keep serving:
 - 400: an empty file;
 - 413: a file over `max_file_bytes`, or an image over `max_pixels` (read from the header before
   any pixel is decoded, so a decompression bomb costs nothing);
-- 415: bytes that are not an image format Pillow knows;
-- 422: an image whose pixels cannot be decoded (truncated, corrupt) or whose mode is not
-  supported (floating-point, 32-bit integer).
+- 415: bytes that are not an accepted image format: PNG, JPEG, BMP or TIFF (the formats
+  training reads), or a format the caller allows (`allow_formats`); no other Pillow decoder
+  ever runs on uploaded bytes;
+- 422: an image whose pixels cannot be decoded (truncated, corrupt), whose mode is not
+  supported (floating-point, 32-bit integer), or that holds several frames (an animation, a
+  multi-page TIFF: refused rather than scored on its first frame).
 
 Decoded images follow the training data's conversion rules (`tfds_mvtec` layout: 16-bit
 scaled, grayscale replicated, alpha dropped, palettes expanded).
@@ -20,6 +23,7 @@ import base64
 import dataclasses
 import io
 import warnings
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
@@ -76,23 +80,24 @@ def check_size(data: bytes, name: str, limits: Limits) -> None:
         )
 
 
-def decode(data: bytes, name: str, limits: Limits) -> np.ndarray:
+def decode(data: bytes, name: str, limits: Limits, allow_formats: Iterable[str] = ()) -> np.ndarray:
     """Encoded image bytes -> `[H, W, 3]` uint8 at the image's own size.
 
-    The header is read first and the pixel count checked against `limits.max_pixels` before
-    any pixel is decoded. Raises UploadError (see the module docstring for the statuses).
+    Only PNG, JPEG, BMP and TIFF are opened, and the Pillow formats named in `allow_formats`
+    (e.g. `('WEBP',)`; ValueError for a name Pillow does not know). The header is read first,
+    and the pixel count checked against `limits.max_pixels` and the frame count against 1,
+    before any pixel is decoded. Raises UploadError (see the module docstring for the statuses).
     """
+    formats = layout.accepted_formats(allow_formats)
     check_size(data, name, limits)
     with warnings.catch_warnings():
         # Our own limit decides; Pillow's warning (and its error at twice its limit) would
         # otherwise fire first, with a less useful message.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=formats)
         except Image.UnidentifiedImageError:
-            raise UploadError(
-                415, name, "not a recognised image format (PNG, JPEG, BMP, TIFF, ...)"
-            ) from None
+            raise UploadError(415, name, layout.refused_format_reason(data, formats)) from None
         except Image.DecompressionBombError as err:
             raise UploadError(413, name, f"refused as a decompression bomb ({err})") from None
         except Exception as err:  # noqa: BLE001 - Pillow raises many types on corrupt headers
@@ -110,7 +115,10 @@ def decode(data: bytes, name: str, limits: Limits) -> np.ndarray:
         if width * height == 0:
             raise UploadError(422, name, f"the image has no pixels ({width} x {height})")
         try:
+            layout.check_single_frame(image, name)
             image.load()
+        except layout.BadImageError as err:
+            raise UploadError(422, name, err.reason) from None
         except Exception as err:  # noqa: BLE001
             raise UploadError(
                 422,

@@ -418,24 +418,111 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise BadImageError(path, f"cannot read the file ({err.strerror or err})") from err
 
 
-def open_image(data: bytes, path: str | os.PathLike) -> Image.Image:
+#: The image formats decoded by default (Pillow's names): what training reads. Every other format
+#: Pillow knows (ICO, WEBP, GIF, EPS, ...) is refused before its decoder runs, unless a caller
+#: allows it (`accepted_formats`). A JPEG that carries extra pictures (MPO: a camera's preview,
+#: a second view) is a JPEG: its primary picture is decoded, as by every JPEG reader.
+ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF")
+_SNIFF_BYTES = 16  # what Pillow's format checks look at
+
+
+def _pillow_formats() -> list[str]:
+    Image.init()
+    return list(Image.ID)
+
+
+def accepted_formats(allow: Iterable[str] = ()) -> tuple[str, ...]:
+    """`ACCEPTED_FORMATS` plus the Pillow format names in `allow` (any case, e.g. 'webp').
+
+    Raises ValueError naming an unknown format and the ones Pillow knows.
+    """
+    known = _pillow_formats()
+    out = list(ACCEPTED_FORMATS)
+    for name in allow:
+        name = str(name).strip().upper()
+        if not name:
+            continue
+        if name not in known:
+            raise ValueError(
+                f"unknown image format {name!r}; Pillow reads: {', '.join(sorted(known))}"
+            )
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def format_extensions(formats: Iterable[str]) -> frozenset[str]:
+    """The file suffixes (lower-case, with the dot) Pillow registers for `formats`."""
+    wanted = {f.upper() for f in formats}
+    return frozenset(ext.lower() for ext, f in Image.registered_extensions().items() if f in wanted)
+
+
+def refused_format_reason(data: bytes, formats: Iterable[str]) -> str:
+    """Why `data` was not opened as one of `formats`: the format it looks like, when Pillow's
+    signature checks (the first bytes only; no decoder runs) recognise one, and how to allow it."""
+    accepted = ", ".join(formats)
+    prefix = data[:_SNIFF_BYTES]
+    for name in _pillow_formats():
+        accept = Image.OPEN[name][1]
+        try:
+            looks_like = accept is not None and name not in formats and accept(prefix)
+        except Exception:  # noqa: BLE001 - a signature check that fails recognises nothing
+            looks_like = False
+        if looks_like:
+            return (
+                f"its content is a {name} image, not an accepted format ({accepted}); convert it "
+                f"(predict and the service read it with --allow_formats={name})"
+            )
+    return f"not a recognised image format (accepted: {accepted})"
+
+
+def frame_count(image: Image.Image) -> int:
+    """How many frames (animation frames, pages) `image` holds; 1 for most files. A JPEG's
+    extra pictures (MPO) do not count: only its primary picture is ever decoded."""
+    if image.format == "MPO" or not getattr(image, "is_animated", False):
+        return 1
+    return int(getattr(image, "n_frames", 2))
+
+
+def check_single_frame(image: Image.Image, path: str | os.PathLike) -> None:
+    """BadImageError if `image` is animated or has several pages: scoring only its first frame
+    would pass the others unseen."""
+    frames = frame_count(image)
+    if frames > 1:
+        raise BadImageError(
+            path,
+            f"the file holds {frames} frames (an animation or a multi-page file); grad_jax scores "
+            "single images, so save each frame as its own file",
+        )
+
+
+def open_image(
+    data: bytes, path: str | os.PathLike, formats: Iterable[str] = ACCEPTED_FORMATS
+) -> Image.Image:
     """Fully decode encoded image bytes with Pillow; any failure becomes a BadImageError.
 
+    Only `formats` (Pillow names; default `ACCEPTED_FORMATS`) are tried, so no other decoder
+    ever runs on the bytes; an animated or multi-page file is refused (`check_single_frame`).
     `Image.load()` decodes every pixel, which is what catches truncated files (opening alone
     only parses the header). Pillow raises many exception types on corrupt input (OSError,
     SyntaxError, ValueError, struct errors, decompression-bomb errors), so everything short of
     BaseException is treated as "this file is bad".
     """
+    formats = tuple(formats)
     if not data:
         raise BadImageError(path, "the file is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=formats)
     except Image.UnidentifiedImageError as err:
-        raise BadImageError(
-            path, "not a recognised image format (is the content really an image?)"
-        ) from err
+        raise BadImageError(path, refused_format_reason(data, formats)) from err
     except Exception as err:
         raise BadImageError(path, f"cannot parse the header ({type(err).__name__}: {err})") from err
+    try:
+        check_single_frame(image, path)
+    except BadImageError:
+        raise
+    except Exception as err:
+        raise BadImageError(path, f"cannot read the frames ({type(err).__name__}: {err})") from err
     try:
         image.load()
     except Exception as err:

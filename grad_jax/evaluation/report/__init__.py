@@ -72,12 +72,13 @@ def _overview_curves(
     out.figures.append("roc_image.png")
     out.notes += notes
     out.overview.append(html.roc_block("roc_image.png", notes))
-    _, sampled, notes = figures.pro_figure(
+    drawn, sampled, notes = figures.pro_figure(
         results, metrics, os.path.join(out_dir, "pro_pixel.png"), max_pixels
     )
-    out.figures.append("pro_pixel.png")
     out.notes += notes
-    out.overview.append(html.pro_block("pro_pixel.png", bool(sampled), max_pixels, notes))
+    if drawn:  # a PRO plot without any masked defect would show nothing
+        out.figures.append("pro_pixel.png")
+        out.overview.append(html.pro_block("pro_pixel.png", bool(sampled), max_pixels, notes))
 
 
 def _shown_examples(r, picks: dict[str, list[int]]) -> dict[str, list[dict]]:

@@ -137,7 +137,8 @@ def pro_figure(
     (pro_pixel.png); a category of more than `max_pixels` pixels (images with a known mask) is
     drawn from a sample (`metrics.pro_curve`), seeded with its index.
 
-    Returns (categories drawn, subsampled ones, notes about skipped ones)."""
+    Returns (categories drawn, subsampled ones, notes about skipped ones); nothing is written
+    when no category can be drawn."""
     fig = _figure(9.5, 6.0)
     ax = fig.add_subplot()
     drawn, sampled_names, notes = [], [], []
@@ -159,6 +160,8 @@ def pro_figure(
         drawn.append(r.name)
         if sampled:
             sampled_names.append(r.name)
+    if not drawn:  # nothing to show (no category has a masked defect): no figure at all
+        return drawn, sampled_names, notes
     ax.set(xlim=(0, FPR_LIMIT), ylim=(0, 1.01))
     ax.set_xlabel("false positive rate (normal pixels above the threshold)")
     ax.set_ylabel("per-region overlap (mean covered fraction of each defect)")
@@ -184,14 +187,10 @@ def _threshold_lines(name: str, metrics: dict[str, float], threshold: dict | Non
     if threshold:
         value = finite(threshold.get("image_score"))
         if value is not None:
-            lines.append((value, f"decision threshold {value:.4g}", dict(color="k", ls="-")))
-        q = threshold.get("quantile")
+            lines.append((value, f"run threshold {value:.4g}", dict(color="k", ls="-")))
         own = finite((threshold.get("per_category") or {}).get(name))
         if own is not None:
-            what = f"{q:g} quantile" if finite(q) is not None else "quantile"
-            lines.append(
-                (own, f"held-out {what}, this category only: {own:.4g}", dict(color="0.4", ls="--"))
-            )
+            lines.append((own, f"this category's threshold {own:.4g}", dict(color="0.4", ls="--")))
     f1 = finite(metrics.get(f"{name}/image_f1_threshold"))
     if f1 is not None:
         lines.append(

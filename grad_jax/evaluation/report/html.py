@@ -140,8 +140,9 @@ def metrics_table(results, metrics: dict[str, float]) -> str:
     return "\n".join(out)
 
 
-def _decision_threshold(threshold: dict | None) -> str:
-    """The run's decision threshold and where it came from, with the per-category quantiles."""
+def _decision_threshold(threshold: dict | None, metrics: dict[str, float]) -> str:
+    """How images are decided: each class at its own threshold (with what it guarantees and
+    what was measured on this test split), the run's threshold for an image of unknown class."""
     value = finite((threshold or {}).get("image_score"))
     if value is None:
         return (
@@ -149,33 +150,50 @@ def _decision_threshold(threshold: dict | None) -> str:
             "held out of training to set one), so images are not classified as good/defective "
             "here.</p>"
         )
-    q = finite(threshold.get("quantile"))
     n = threshold.get("num_images")
-    source = threshold.get("source") or "unknown"
-    what = f"the {q:g} quantile of the image scores" if q is not None else "set from scores"
-    count = f" of {n} images" if n is not None else ""
+    source = html.escape(str(threshold.get("source") or "unknown"))
+    guarantees = threshold.get("guarantee") or {}
+    if threshold.get("rule") == "conformal":
+        target = finite(threshold.get("target_false_alarm"))
+        run = guarantees.get("run") or {}
+        how = (
+            f"the conformal quantile of the held-out normal scores for a target false-alarm "
+            f"rate of {_percent(target)}%: {html.escape(str(run.get('text', '')))}"
+        )
+    else:  # runs from before the conformal rule
+        q = finite(threshold.get("quantile"))
+        how = f"the {q:g} quantile of the held-out normal scores" if q is not None else "set"
     out = [
-        f"<p><b>Decision threshold (image score): {value:.6g}</b>, an image scoring at or "
-        f"above it is flagged as defective. It is {what}{count}: "
-        f"{html.escape(str(source))}.</p>"
+        "<p>Each class's images are decided at that class's own threshold (an image scoring at "
+        "or above it is flagged as defective); an image whose class is not known is decided at "
+        f"the run's threshold, <b>{value:.6g}</b>, {how} (all {n} held-out images: {source}).</p>"
     ]
     per = threshold.get("per_category") or {}
     if per:
-        rows = "".join(
-            f"<tr><td>{html.escape(str(c))}</td><td>{_fmt(v, 6)}</td></tr>" for c, v in per.items()
-        )
+        rows = []
+        for c, v in per.items():
+            g = (guarantees.get("per_category") or {}).get(c) or {}
+            rows.append(
+                f"<tr><td>{html.escape(str(c))}</td><td>{_fmt(v, 6)}</td>"
+                f"<td>{g.get('n', '–')}</td><td>{_percent(g.get('guarantee'))}</td>"
+                f"<td>{_percent(metrics.get(f'{c}/false_alarm_rate'))}</td>"
+                f"<td>{_percent(metrics.get(f'{c}/miss_rate'))}</td></tr>"
+            )
         out.append(
-            "<p class='sub'>The same quantile over each category's held-out images alone "
-            "(informative; the run-wide value above is the one applied):</p>"
-            f"<table><thead><tr><th>category</th><th>quantile</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table>"
+            "<table><thead><tr><th>category</th><th>threshold</th><th>held-out normal images"
+            "</th><th>false alarms guaranteed (%)</th><th>false alarms measured on good test "
+            "images (%)</th><th>defective test images missed (%)</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>"
+            "<p class='sub'>Guaranteed: the bound the threshold's rule gives for normal parts "
+            "like the held-out ones (split-conformal; with too few held-out images the largest "
+            "score is used and the bound is 1/(n+1)). Measured: on this test split.</p>"
         )
     return "\n".join(out)
 
 
 def threshold_section(results, metrics: dict[str, float], threshold: dict | None) -> str:
     """The decision threshold, then the test-set F1-optimal thresholds (reference only)."""
-    out = [_decision_threshold(threshold)]
+    out = [_decision_threshold(threshold, metrics)]
     categories, _ = _rows(results, metrics)
     rows = []
     for c in categories:
@@ -266,9 +284,11 @@ def scores_block(
     missing = missing_classes(n_good, n_bad)
     lines = []
     if finite((threshold or {}).get("image_score")) is not None:
-        lines.append("the decision threshold (solid black)")
+        lines.append("the run's threshold, for images of unknown class (solid black)")
     if ((threshold or {}).get("per_category") or {}).get(name) is not None:
-        lines.append("this category's own held-out quantile (dashed grey)")
+        lines.append(
+            "this category's own threshold, the one its images are decided at (dashed grey)"
+        )
     if finite(metrics.get(f"{name}/image_f1_threshold")) is not None:
         lines.append("the test-set F1-optimal threshold (dotted magenta, reference only)")
     return figure_block(
