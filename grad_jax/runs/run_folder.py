@@ -19,11 +19,11 @@ from typing import Any
 
 import ml_collections
 
-from grad_jax.runs import checkpointing
-from grad_jax.weights import state_dicts
 from grad_jax.errors import RunFolderError
 from grad_jax.files import atomic_write_text
 from grad_jax.models.model import GradModel, ModelVariables, build_model
+from grad_jax.runs import checkpointing
+from grad_jax.weights import state_dicts
 
 CONFIG_FILE = "config.json"
 SELECTION_FILE = "selection.json"
