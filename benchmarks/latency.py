@@ -11,7 +11,7 @@ alike. Contestants:
 
 - `grad_jax_exported`: `python -m grad_jax.export`'s model loaded with
   `grad_jax.inference.exported_model`;
-- `grad_jax_predictor`: `grad_jax.predict.Predictor` (batch_size=1);
+- `grad_jax_predictor`: `grad_jax.Predictor` (batch_size=1);
 - `torch_eager_official`: the PyTorch model of the parity tests (tests/torch_reference.py) run
   as the official code runs it, the whole EfficientNet (every block, conv head, classifier)
   with the unused part thrown away;
@@ -38,6 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from grad_jax.config import CONFIG_DIR, resolve_config_flags
+from grad_jax.inference.predictor import Predictor
 from grad_jax.models.model import ModelVariables
 from grad_jax.runs import run_folder
 
@@ -88,7 +89,6 @@ def main(argv) -> int:
     import torch
     from PIL import Image
 
-    from grad_jax import predict
     from grad_jax.benchmark import cpu_info, decode, export_untrained, sample_files, summarise_ms
     from grad_jax.inference import exported_model
 
@@ -100,7 +100,7 @@ def main(argv) -> int:
     files = sample_files(FLAGS.images)
 
     variables = ModelVariables.from_model(run_folder.create_model(config))
-    predictor = predict.Predictor(variables, config, batch_size=1)
+    predictor = Predictor(variables, config, batch_size=1)
     tmp = tempfile.mkdtemp()
     exported = exported_model.load_model(export_untrained(variables, config, tmp), batch_size=1)
 
@@ -201,7 +201,6 @@ def _batch8(exported, predictor, variables, config, truncated, session) -> dict:
     """Images/s at batch 8 on prepared (resized) images, alternating rounds, medians."""
     import torch
 
-    from grad_jax import predict
     from grad_jax.benchmark import time_call
 
     b = 8
@@ -209,7 +208,7 @@ def _batch8(exported, predictor, variables, config, truncated, session) -> dict:
     images = np.random.default_rng(0).integers(0, 256, (b, h, w, 3), dtype=np.uint8)
     x = np.random.default_rng(1).normal(size=(b, 3, h, w)).astype(np.float32)
     exported.batch_size = b
-    batched = predict.Predictor(variables, config, batch_size=b)
+    batched = Predictor(variables, config, batch_size=b)
     tx = torch.from_numpy(x)
 
     def torch_run():

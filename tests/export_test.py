@@ -18,6 +18,7 @@ from PIL import Image
 
 from grad_jax import export, predict
 from grad_jax.inference import exported_model
+from grad_jax.inference.predictor import Predictor
 from grad_jax.inference.scorer import Scorer
 from grad_jax.runs import run_folder
 from grad_jax.training import calibration
@@ -100,7 +101,7 @@ def _score(smoothed, k):
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_exported_matches_predictor(run_dir, model_dir, images, batch_size):
-    predictor = predict.Predictor.from_workdir(run_dir, batch_size=batch_size)
+    predictor = Predictor.from_workdir(run_dir, batch_size=batch_size)
     model = exported_model.load_model(model_dir, batch_size=batch_size)
     want = predictor.predict(images)
     got = model.predict(images)
@@ -158,7 +159,7 @@ def test_class_centres_are_the_mean_pooled_features_of_the_training_images(run_d
     from grad_jax.data import input_pipeline
 
     config = run_folder.read_config(run_dir)
-    predictor = predict.Predictor.from_workdir(run_dir, batch_size=16)
+    predictor = Predictor.from_workdir(run_dir, batch_size=16)
     categories = input_pipeline.open_categories(config)
     train_items, held = input_pipeline.split_holdout(
         categories, config.threshold.holdout_fraction, config.seed

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from grad_jax import predict
+from grad_jax.inference import result_files
 from grad_jax.inference.scorer import Scorer, ScoringSpec
 
 SIZE = (16, 16)
@@ -183,7 +184,7 @@ def test_same_relative_names_in_two_folders_are_attributed_to_their_own_files(
 def test_collect_inputs_never_gives_a_real_input_s_name_to_another(tmp_path):
     for rel in ("a/x.png", "b/x.png", "b/x_2.png", "b/X_3.png"):
         _save(tmp_path / rel, (5, 5, 5))
-    files, failed = predict.collect_inputs([str(tmp_path / "a"), str(tmp_path / "b")])
+    files, failed = result_files.collect_inputs([str(tmp_path / "a"), str(tmp_path / "b")])
     assert failed == []
     keys = dict(files)
     assert keys[str(tmp_path / "a" / "x.png")] == "x.png"
@@ -310,5 +311,5 @@ def test_readme_explains_the_columns(tmp_path, monkeypatch, capsys):
     readme = (out / "README.txt").read_text()
     assert "path" in readme and "unknown class" in readme and "single quote" in readme
     header = io.StringIO((out / "scores.csv").read_text()).readline().strip()
-    assert header == ",".join(predict.CSV_COLUMNS)
-    assert predict.CSV_COLUMNS[:2] == ["file", "path"]
+    assert header == ",".join(result_files.CSV_COLUMNS)
+    assert result_files.CSV_COLUMNS[:2] == ["file", "path"]

@@ -12,7 +12,9 @@ import re
 import nbformat
 import pytest
 
-from grad_jax import predict
+from grad_jax.data.images import read_image
+from grad_jax.inference import result_files
+from grad_jax.inference.predictor import Predictor
 from tests.conftest import ROOT, assert_clean_notebook
 
 NOTEBOOK = ROOT / "notebooks" / "inspect.ipynb"
@@ -88,10 +90,10 @@ def test_runs_on_cpu(tiny_run, tmp_path, source):
     # the CSV holds every test image with Predictor's score and decision
     with open(out_csv, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    files, _ = predict.collect_inputs([str(category / "test")])
+    files, _ = result_files.collect_inputs([str(category / "test")])
     assert [r["file"] for r in rows] == [key for _, key in files]
-    predictor = predict.Predictor.from_workdir(run_dir, batch_size=4)
-    want = predictor.predict([predict.read_image(path) for path, _ in files])
+    predictor = Predictor.from_workdir(run_dir, batch_size=4)
+    want = predictor.predict([read_image(path) for path, _ in files])
     for r, p in zip(rows, want, strict=True):
         assert float(r["score"]) == pytest.approx(p.score, rel=1e-5), r["file"]
         assert float(r["threshold"]) == pytest.approx(predictor.threshold)

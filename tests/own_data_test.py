@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from grad_jax import predict
 from grad_jax.evaluation import evaluate, metrics
+from grad_jax.inference.predictor import Predictor
 from grad_jax.training import loop
 from tests.conftest import tiny_category
 
@@ -65,7 +66,7 @@ def test_labels_only_trains_evaluates_and_says_na(labels_only, capsys):
 
     # The image labels come from the folders: image AUROC equals sklearn's on the folder labels
     # and the scores of the saved model (empty masks would make every label 0: no AUROC).
-    predictor = predict.Predictor.from_workdir(workdir, batch_size=4)
+    predictor = Predictor.from_workdir(workdir, batch_size=4)
     scored, failed = predictor.predict_files([root / f for f, _ in files])
     assert not failed
     scores = [p.score for _, p in scored]

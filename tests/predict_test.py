@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from grad_jax import predict
-from grad_jax.inference import device_program, heatmap
+from grad_jax.data.images import to_rgb8
+from grad_jax.inference import device_program, heatmap, result_files
+from grad_jax.inference.predictor import Predictor
 from grad_jax.inference.scorer import Scorer
 from grad_jax.runs import run_folder
 from tests.conftest import ROOT, tiny_category
@@ -57,7 +59,7 @@ def trained(run_dir):
 
 @pytest.fixture(scope="module")
 def predictor(run_dir):
-    return predict.Predictor.from_workdir(run_dir, batch_size=4)
+    return Predictor.from_workdir(run_dir, batch_size=4)
 
 
 def _demo_image(demo, split="test/good", index=0) -> np.ndarray:
@@ -147,7 +149,7 @@ def _files_under(folder) -> list[str]:
 
 def test_overlay_names_keep_the_input_name_and_never_collide():
     keys = ["a.png", "a.jpg", "a.JPG.png", "a.jpeg", "b.bmp", "B.PNG", "c/d.tif", "e.tiff"]
-    names = predict.overlay_names(keys)
+    names = result_files.overlay_names(keys)
     assert names == {
         "a.png": "a.png",
         "a.JPG.png": "a.JPG.png",
@@ -319,7 +321,7 @@ def test_only_bad_inputs_still_write_empty_outputs(run_dir, bad_dir, tmp_path, c
     assert rc == 1
     assert f"cannot read {empty}: the folder holds no image file" in stderr
     header, rows = _read_csv(out)
-    assert header == predict.CSV_COLUMNS and rows == []
+    assert header == result_files.CSV_COLUMNS and rows == []
     with np.load(out / "maps.npz") as maps:
         assert maps.files == []
 
@@ -396,9 +398,11 @@ def test_threshold_override_and_category(run_dir, good_dir, trained, good_run, t
 def test_without_threshold_overlays_use_the_run_range(predictor, good_dir, tmp_path, monkeypatch):
     bare = Scorer(predictor.program, predictor.spec, {}, predictor.batch_size)  # no thresholds
     out = tmp_path / "out"
-    files, failed = predict.collect_inputs([str(good_dir / "rgb.png"), str(good_dir / "big.png")])
+    files, failed = result_files.collect_inputs(
+        [str(good_dir / "rgb.png"), str(good_dir / "big.png")]
+    )
     assert failed == []
-    written = predict.write_outputs(
+    written = result_files.write_outputs(
         bare, files, str(out), (None, "none"), lambda *a: None, progress=False
     )
     assert written == (2, [], 0)
@@ -425,7 +429,7 @@ def test_same_names_get_unique_deterministic_keys(good_dir, tmp_path):
     (b / "x" / "IMG.png").write_bytes((good_dir / "rgb.png").read_bytes())
     (b / "x" / "img_2.png").write_bytes((good_dir / "rgb.png").read_bytes())
     args = [str(a), str(b), str(a / "x" / "img.png"), str(good_dir / "rgb.png")]
-    files, failed = predict.collect_inputs(args)
+    files, failed = result_files.collect_inputs(args)
     assert failed == []
     assert files == [
         (os.path.join(str(a), "x", "img.png"), "x/img.png"),
@@ -436,7 +440,7 @@ def test_same_names_get_unique_deterministic_keys(good_dir, tmp_path):
         # a/x/img.png again: the same file, scored once
         (str(good_dir / "rgb.png"), "rgb.png"),
     ]
-    assert predict.collect_inputs(args) == (files, failed)
+    assert result_files.collect_inputs(args) == (files, failed)
 
 
 def test_output_folder_inside_an_input_folder_is_not_scanned(good_dir, tmp_path):
@@ -444,16 +448,18 @@ def test_output_folder_inside_an_input_folder_is_not_scanned(good_dir, tmp_path)
     (folder / "results" / "overlays").mkdir(parents=True)
     for name in ("a.png", "results/overlays/a.png.png"):
         (folder / name).write_bytes((good_dir / "rgb.png").read_bytes())
-    files, _ = predict.collect_inputs([str(folder)], exclude=str(folder / "results"))
+    files, _ = result_files.collect_inputs([str(folder)], exclude=str(folder / "results"))
     assert [key for _, key in files] == ["a.png"]
-    files, _ = predict.collect_inputs([str(folder)])
+    files, _ = result_files.collect_inputs([str(folder)])
     assert [key for _, key in files] == ["a.png", "results/overlays/a.png.png"]
 
 
 def test_interrupted_run_keeps_previous_outputs(predictor, good_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    files, _ = predict.collect_inputs([str(good_dir)])
-    predict.write_outputs(predictor, files[:2], str(out), (0, "x"), lambda *a: None, progress=False)
+    files, _ = result_files.collect_inputs([str(good_dir)])
+    result_files.write_outputs(
+        predictor, files[:2], str(out), (0, "x"), lambda *a: None, progress=False
+    )
     before = {n: (out / n).read_bytes() for n in ("scores.csv", "maps.npz", "README.txt")}
     overlays_before = sorted(os.listdir(out / "overlays"))
     calls = []
@@ -471,7 +477,9 @@ def test_interrupted_run_keeps_previous_outputs(predictor, good_dir, tmp_path, m
 
     monkeypatch.setattr(predictor, "program", Interrupted())
     with pytest.raises(KeyboardInterrupt):
-        predict.write_outputs(predictor, files, str(out), (0, "x"), lambda *a: None, progress=False)
+        result_files.write_outputs(
+            predictor, files, str(out), (0, "x"), lambda *a: None, progress=False
+        )
     assert len(calls) == 2
     assert {n: (out / n).read_bytes() for n in before} == before
     assert sorted(os.listdir(out / "overlays")) == overlays_before
@@ -586,11 +594,11 @@ def test_predict_files(predictor, good_dir, bad_dir, tmp_path):
 
 def test_from_workdir_errors(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a grad_jax run folder"):
-        predict.Predictor.from_workdir(tmp_path)
+        Predictor.from_workdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"available steps: \d+"):
-        predict.Predictor.from_workdir(run_dir, step=12345)
+        Predictor.from_workdir(run_dir, step=12345)
     with pytest.raises(predict.UsageError):
-        predict.Predictor.from_workdir(run_dir, batch_size=0)
+        Predictor.from_workdir(run_dir, batch_size=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,7 +631,7 @@ def test_module_entry_point(run_dir, good_dir, good_run, tmp_path):
 def test_to_rgb8_rejects_unsupported_pillow_modes():
     image = Image.open(io.BytesIO(_float_tiff()))
     with pytest.raises(ValueError, match="floating-point"):
-        predict.to_rgb8(image)
+        to_rgb8(image)
 
 
 def _float_tiff() -> bytes:

@@ -254,7 +254,7 @@ def test_predict_and_eval_never_write_into_the_checkpoints(data, trained, tmp_pa
     import shutil
 
     from grad_jax.evaluation import evaluate
-    from grad_jax.predict import Predictor
+    from grad_jax.inference.predictor import Predictor
 
     run = str(tmp_path / "run")
     shutil.copytree(trained[0], run)

@@ -14,6 +14,7 @@ from grad_jax.config import validate_config
 from grad_jax.data import input_pipeline, tiling
 from grad_jax.evaluation import evaluate
 from grad_jax.inference import device_program
+from grad_jax.inference.predictor import Predictor
 from grad_jax.training import loop
 
 SIDE = 2048
@@ -197,7 +198,7 @@ def test_tiled_run_evaluates_stitched_maps_and_predicts_at_the_original_size(hig
     assert Image.open(out / "overlays" / "000.png").size == (SIDE, SIDE)
 
     # The predictor's score is the evaluation's score of the same image (same stitching).
-    predictor = predict.Predictor.from_workdir(str(workdir), batch_size=2)
+    predictor = Predictor.from_workdir(str(workdir), batch_size=2)
     image = np.asarray(Image.open(root / "test" / "flat" / "001.png").convert("RGB"))
     got = predictor.predict([image])[0]
     categories = input_pipeline.open_categories(predictor.config)
