@@ -37,11 +37,13 @@ BATCH = 3  # images per call: the 7 images take three calls, the last one padded
 def _config(name: str):
     config = tiny.get_config()
     config.eval.smooth_size, config.eval.score_pool = 5, 8
-    if name == "nonsquare":
+    if name in ("nonsquare", "knn"):
         config.data.image_size = (48, 80)  # (height, width)
-    elif name == "tiled":
+    elif name in ("tiled", "grad+knn"):
         config.data.image_size = (32, 32)  # the tile
         config.data.tile.size, config.data.tile.overlap, config.data.tile.scale = 32, 8, 0.5
+    if name in ("knn", "grad+knn"):
+        config.model.kind = name
     return config
 
 
@@ -51,6 +53,8 @@ MODELS = {
     "tiled": ("part",),
     "nonsquare": ("part",),
     "unified": ("stripes", "blobs"),
+    "knn": ("part",),  # the nearest-neighbour kind, non-square
+    "grad+knn": ("part",),  # both maps standardised and averaged, tiled
 }
 
 
@@ -112,7 +116,11 @@ def _make_run(workdir: pathlib.Path, config, classes, images: list[np.ndarray]) 
     tx, _ = make_optimizer(config.train, 1, variables.params)
     state = TrainState.create(variables.params, variables.batch_stats, tx)
     labels = [i % len(classes) for i in range(len(images))]
-    bare = Predictor(variables, config, batch_size=BATCH, meta={"categories": list(classes)})
+    knn_meta = {}
+    if config.model.kind != "grad":
+        variables, knn_meta = _with_bank(variables, config, images)
+    meta0 = {"categories": list(classes), **knn_meta}
+    bare = Predictor(variables, config, batch_size=BATCH, meta=meta0)
     first = bare.predict(images)
     scores = np.array([p.score for p in first])
     prepared = [bare.prepare(im) for im in images]
@@ -125,7 +133,7 @@ def _make_run(workdir: pathlib.Path, config, classes, images: list[np.ndarray]) 
         per_category[name] = float((mine[len(mine) // 2 - 1] + mine[len(mine) // 2]) / 2)
         normal[name] = sorted(float(s) for s in mine[:2])
     meta = {
-        "categories": list(classes),
+        **meta0,
         "threshold": {
             "image_score": float(np.median(scores)) + 1e-3,
             "quantile": 0.99,
@@ -140,8 +148,32 @@ def _make_run(workdir: pathlib.Path, config, classes, images: list[np.ndarray]) 
         meta["class_centres"] = {"names": list(classes), "centres": centres}
     run_folder.write_config(config, str(workdir))
     ckpt = checkpointing.Checkpoints(str(workdir))
-    ckpt.save(1, state, variables.backbone, config, {"step": 1, "final": True, **meta})
+    meta = {"step": 1, "final": True, **meta}
+    ckpt.save(1, state, variables.backbone, config, meta, bank=variables.bank)
     ckpt.close()
+
+
+def _with_bank(variables, config, images):
+    """The model with a memory bank of half the patch features of its images mirrored (at the
+    model input size: distances well above float32 rounding), and the meta entry of its map
+    statistics (over the images themselves)."""
+    import jax
+
+    from grad_jax.data.images import resize_image
+    from grad_jax.inference import device_program
+    from grad_jax.models import knn
+    from grad_jax.training import calibration, knn_bank
+
+    x = np.stack([resize_image(im, config.data.image_size) for im in images])
+    extract = jax.jit(lambda b, im: variables.merge(backbone=b).extract(im))
+    mirrored = np.ascontiguousarray(x[:, ::-1, ::-1])
+    stages = extract(variables.backbone, mirrored)
+    patches = knn_bank.patch_fn(variables, 3)(variables.backbone, stages)
+    bank, _ = knn.build_memory_bank(patches, 0.5, key=jax.random.key(0))
+    variables = variables.replace(bank=np.asarray(bank))
+    out = device_program.make_predict_fn(variables, config, all_kinds=True)(x)
+    maps = [{k: v[i] for k, v in out.items() if k.startswith("raw_")} for i in range(len(x))]
+    return variables, {"knn": {"map_stats": calibration.map_statistics(maps)}}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -268,10 +300,10 @@ def test_the_rows_are_what_they_say(model):
     non-square one maps at (48, 80), the unified one recognises both classes."""
     name, base, paths, predictor, expected = model
     sizes = [Image.open(p).size[::-1] for p in paths]
-    if name == "tiled":
+    if name in ("tiled", "grad+knn"):
         assert predictor.tiled and exported_model.load_model(base / "model").tiled
         assert [p.anomaly_map.shape for p in expected] == sizes
-    elif name == "nonsquare":
+    elif name in ("nonsquare", "knn"):
         assert {p.anomaly_map.shape for p in expected} == {(48, 80)}
     elif name == "unified":
         assert [p.category for p in expected] == [MODELS[name][i % 2] for i in range(len(paths))]
@@ -283,7 +315,8 @@ def test_the_rows_are_what_they_say(model):
 def test_the_exported_tiled_program_takes_tiles(model):
     name, base, *_ = model
     meta = exported_model.load_model(base / "model").meta
-    if name == "tiled":
+    assert meta["model_kind"] == _config(name).model.kind
+    if name in ("tiled", "grad+knn"):
         assert meta["input"]["image_size"] == [32, 32]
         assert meta["scoring"]["tile_size"] == 32 and meta["scoring"]["tile_scale"] == 0.5
     else:

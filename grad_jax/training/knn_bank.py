@@ -33,7 +33,7 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
     return section is not None and section.fraction > 0
 
 
-def _patch_fn(variables: ModelVariables, patch_size: int):
+def patch_fn(variables: ModelVariables, patch_size: int):
     """stage features (list of `[B, h_i, w_i, C_i]`) -> patch features `[B * h * w, C]`."""
 
     @jax.jit
@@ -58,7 +58,7 @@ def training_patches(
         cache, _ = feature_cache.build_feature_cache(
             extract, backbone, source, config, mesh, shapes
         )
-    patches = _patch_fn(variables, config.knn.patch_size)
+    patches = patch_fn(variables, config.knn.patch_size)
     n, batch = len(cache[0]), config.eval.batch_size
     parts = []
     for start in tqdm.trange(
