@@ -26,12 +26,12 @@ def _meta(with_centres=True, with_scores=True):
     return meta
 
 
-def test_calibrated_value_is_the_fraction_strictly_below():
-    normal = [0.5, 0.1, 0.3, 0.3]
-    for score in (0.0, 0.1, 0.2, 0.3, 0.31, 0.5, 9.0):
-        want = sum(x < score for x in normal) / len(normal)  # brute force
-        assert decisions.calibrated_value(score, normal) == want
-    assert decisions.calibrated_value(1.0, []) is None
+def test_calibrated_value_is_the_conformal_p_value_s_complement():
+    normal = [0.1, 0.2, 0.2, 0.4]
+    d = decisions.Decisions({"threshold": {"image_score": 0.4, "normal_scores": {"a": normal}}})
+    for score, below in [(0.05, 0), (0.1, 0), (0.15, 1), (0.2, 1), (0.3, 3), (0.5, 4)]:
+        assert d.calibrated_for(score, "a") == pytest.approx(below / 5)  # #{lower} / (n + 1)
+    assert decisions.Decisions({}).calibrated_for(1.0, "a") is None
 
 
 def test_nearest_centre_matches_brute_force():
@@ -49,7 +49,8 @@ def test_given_class_uses_its_threshold_and_normal_scores():
     assert [p.category_source for p in out] == ["given"] * 3
     assert [p.threshold for p in out] == [0.39, 0.39, 1.99]
     assert [p.is_anomalous for p in out] == [False, True, False]
-    assert [p.calibrated for p in out] == [0.75, 0.75, 0.5]
+    # #{lower} / (n + 1): 3 of a's 4 normals, 1 of b's 2
+    assert [p.calibrated for p in out] == pytest.approx([3 / 5, 3 / 5, 1 / 3])
     assert "class 'a'" in out[0].threshold_source and "4 held-out" in out[0].threshold_source
 
 
@@ -70,7 +71,7 @@ def test_without_centres_recognition_is_said_to_be_unavailable():
     (p,) = d.results(np.array([1.6]), np.zeros((1, 2, 2)), None, np.zeros((1, 2)))
     assert p.category is None and p.threshold == 1.5 and p.is_anomalous is True
     assert "recognition is unavailable" in p.threshold_source
-    assert p.calibrated == 5 / 6  # against every class's held-out scores
+    assert p.calibrated == pytest.approx(5 / 7)  # against all 6 held-out scores: 5 lower
 
 
 def test_old_runs_without_normal_scores_have_no_calibrated_value():
@@ -176,3 +177,28 @@ def test_non_finite_outputs_are_errors_not_decisions():
     assert out[3].category == "b" and out[3].is_anomalous is False
     (p,) = d.results(np.array([0.5]), maps[:1], "a", pooled[2:3])  # class given: not needed
     assert p.ok and p.is_anomalous is True
+
+
+def test_conformal_thresholds_carry_their_guarantee_in_words_and_numbers():
+    meta = _meta()
+    meta["threshold"].update(
+        rule="conformal",
+        target_false_alarm=0.1,
+        guarantee={
+            "run": {"guarantee": 1 / 7, "text": "the 6th smallest of 6 held-out normal scores"},
+            "per_category": {
+                "a": {"guarantee": 0.2, "text": "the 4th smallest of 4 held-out normal scores"}
+            },
+        },
+    )
+    d = decisions.Decisions(meta)
+    a, unknown = d.results(np.array([0.5, 0.5]), np.zeros((2, 2, 2)), ["a", None])
+    assert a.false_alarm_bound == 0.2 and a.threshold == 0.39
+    assert "conformal threshold for a 10% false-alarm target" in a.threshold_source
+    assert "4th smallest of 4" in a.threshold_source
+    # recognised as 'a' (pooled missing here: unknown class, the run's threshold and bound)
+    assert unknown.threshold == 1.5 and unknown.false_alarm_bound == pytest.approx(1 / 7)
+    (given,) = d.results(np.array([0.5]), np.zeros((1, 2, 2)), "a", threshold=0.45)
+    assert given.false_alarm_bound is None  # the caller's threshold guarantees nothing known
+    (b,) = d.results(np.array([0.5]), np.zeros((1, 2, 2)), "b")
+    assert b.threshold == 1.99 and b.false_alarm_bound is None  # no stored guarantee for b

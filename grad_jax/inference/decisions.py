@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from grad_jax.inference import conformal
+
 #: `Prediction.category_source` of an image that is none of the model's classes.
 UNKNOWN_CLASS = "unknown class"
 
@@ -49,9 +51,13 @@ class Prediction:
     is_anomalous: `score >= threshold`, or None when no threshold is known.
     category: the class the decision was made for (given by the caller, or recognised), or
         None when unknown (`category_source` says whether it is an unknown kind of part).
-    calibrated: the fraction of that class's held-out normal images that scored lower (0.999:
-        more anomalous than 99.9% of normal parts), or None when the model has no such scores.
+    calibrated: the complement of the score's conformal p-value among that class's held-out
+        normal scores, #{lower} / (n + 1) (0.99: fewer than 1% of normal parts would score as
+        high), or None when the model has no such scores.
     threshold: the threshold the decision used, or None.
+    false_alarm_bound: what that threshold guarantees: the probability that a normal part of
+        the class is flagged is at most this (split-conformal, `inference.conformal`); None
+        when unknown (a threshold given by the caller, or a model from before the rule).
     threshold_source: where the threshold (and the class) came from, in words.
     category_source: 'given', 'recognised', 'only class', 'unknown class' (farther from every
         class centre than that class's radius: not decided, `threshold_source` says how far),
@@ -71,6 +77,7 @@ class Prediction:
     threshold_source: str = ""
     category_source: str = ""
     error: str | None = None
+    false_alarm_bound: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,14 +87,6 @@ class Prediction:
     def unknown_class(self) -> bool:
         """True for an image recognised as none of the model's classes (no decision)."""
         return self.category_source == UNKNOWN_CLASS
-
-
-def calibrated_value(score: float, normal_scores: Sequence[float] | np.ndarray) -> float | None:
-    """The fraction of `normal_scores` strictly below `score` (None if there are none)."""
-    normal = np.sort(np.asarray(normal_scores, np.float64).ravel())
-    if normal.size == 0 or not math.isfinite(score):
-        return None
-    return float(np.searchsorted(normal, score, side="left") / normal.size)
 
 
 def centre_distances(pooled: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -133,6 +132,11 @@ class Decisions:
         self.normal_scores = {
             str(k): np.asarray(v, np.float64) for k, v in (th.get("normal_scores") or {}).items()
         }
+        self.conformal = th.get("rule") == "conformal"
+        self.target = _float_or_none(th.get("target_false_alarm"))
+        guarantees = th.get("guarantee") or {}
+        self.run_guarantee = guarantees.get("run") or {}
+        self.class_guarantees = guarantees.get("per_category") or {}
         self.quantile = th.get("quantile")
         centres = meta.get("class_centres") or {}
         self.centre_names = [str(n) for n in centres.get("names") or []]
@@ -220,27 +224,45 @@ class Decisions:
             if not math.isfinite(given):
                 raise ValueError(f"the threshold must be a finite number, got {given}")
             return given, "given by the caller"
-        q = f"{self.quantile:.4g} quantile" if self.quantile is not None else "quantile"
         if category is not None and category in self.per_category:
-            n = len(self.normal_scores.get(category, ()))
-            count = f" of {n}" if n else " of the"
-            return (
-                self.per_category[category],
-                f"class '{category}': {q}{count} held-out normal images' scores",
+            return self.per_category[category], f"class '{category}': " + self._rule(
+                self.class_guarantees.get(category), len(self.normal_scores.get(category, ()))
             )
         if self.run_threshold is None:
             return None, "none: the model stores no decision threshold (no held-out images)"
-        why = "the run's threshold over all classes"
+        why = "the run's threshold over all classes: " + self._rule(self.run_guarantee, None)
         if category is None and len(self.categories) > 1:
             why += " (class unknown"
             why += ")" if self.can_recognise else "; " + NO_CENTRES + ")"
         return self.run_threshold, why
 
+    def _rule(self, guarantee: dict | None, n: int | None) -> str:
+        """How a stored threshold was set, in words (with its guarantee when it has one)."""
+        if self.conformal and guarantee:
+            return (
+                f"conformal threshold for a {100 * (self.target or 0):.3g}% false-alarm target, "
+                + str(guarantee.get("text", ""))
+            )
+        q = f"{self.quantile:.4g} quantile" if self.quantile is not None else "quantile"
+        count = f" of {n}" if n else " of the"
+        return f"{q}{count} held-out normal images' scores"
+
+    def bound_for(self, category: str | None, given: float | None = None) -> float | None:
+        """The false-alarm bound of the threshold an image of `category` is decided with."""
+        if given is not None or not self.conformal:
+            return None
+        if category is not None and category in self.per_category:
+            return _float_or_none((self.class_guarantees.get(category) or {}).get("guarantee"))
+        if self.run_threshold is None:
+            return None
+        return _float_or_none(self.run_guarantee.get("guarantee"))
+
     def calibrated_for(self, score: float, category: str | None) -> float | None:
         if category is not None and category in self.normal_scores:
-            return calibrated_value(score, self.normal_scores[category])
+            return conformal.calibrated_value(score, self.normal_scores[category])
         if category is None and self.normal_scores:
-            return calibrated_value(score, np.concatenate(list(self.normal_scores.values())))
+            everything = np.concatenate(list(self.normal_scores.values()))
+            return conformal.calibrated_value(score, everything)
         return None
 
     def results(
@@ -280,7 +302,12 @@ class Decisions:
             if how == "recognised":
                 source += "; class recognised from the image's backbone features"
             calibrated = self.calibrated_for(score, category)
-            out.append(Prediction(score, raw, decision, category, calibrated, used, source, how))
+            bound = self.bound_for(category, threshold) if used is not None else None
+            out.append(
+                Prediction(
+                    score, raw, decision, category, calibrated, used, source, how, None, bound
+                )
+            )
         return out
 
 
