@@ -1,16 +1,20 @@
 """The inspection page in a real browser: Debian's chromium, driven by Selenium through
-/usr/bin/chromedriver, against a real uvicorn server on loopback.
+/usr/bin/chromedriver, against a real uvicorn server on loopback (served as the command serves
+it: `service.uvicorn_config`).
 
 The browser uploads a good image, a defective one and a text file; the test finds each overlay,
 score and decision on the page (scores against Predictor), moves the threshold slider with the
 keyboard and sees the decisions change, downloads the CSV, changes the class (the images are
 scored again), and saves a screenshot of the page (`serve_page.png` in the test's folder; the
-README's picture is a copy of it).
+README's picture is a copy of it). A second test, on a fake two-class model, checks what the
+page does with an unknown class, a model error, file names that a spreadsheet would run as
+formulas, and an answer for the old class that arrives after the class was changed.
 
 Without chromium the test is skipped, except in CI (CI=true), where it fails: .ci/run installs
 the browser.
 """
 
+import contextlib
 import csv
 import io
 import os
@@ -22,7 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grad_jax import predict
+from grad_jax.inference.predictor import Predictor
+from grad_jax.inference.scorer import Scorer, ScoringSpec
 from grad_jax.serving import service
 from tfds_mvtec.mvtec_ad import layout
 
@@ -47,18 +52,18 @@ def _require_browser() -> None:
 
 @pytest.fixture(scope="module")
 def predictor(tiny_run):
-    return predict.Predictor.from_workdir(tiny_run[0], batch_size=4)
+    return Predictor.from_workdir(tiny_run[0], batch_size=4)
 
 
-@pytest.fixture(scope="module")
-def server(predictor):
-    """`(base URL, app)`: the service on a free loopback port, in a thread of this process."""
+@contextlib.contextmanager
+def _serving(app):
+    """The app on a free loopback port, in a thread of this process, once it is healthy: its
+    base URL."""
+    import http.client
+
     import uvicorn
 
-    app = service.create_app(predictor)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    )
+    server = uvicorn.Server(service.uvicorn_config(app, "127.0.0.1", 0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     end = time.monotonic() + WAIT_S
@@ -66,9 +71,29 @@ def server(predictor):
         assert thread.is_alive() and time.monotonic() < end, "the server did not start"
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}/", app
-    server.should_exit = True
-    thread.join(30)
+
+    def healthy():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
+
+    _wait(healthy, "the warm-up")
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(predictor):
+    """`(base URL, app)`: the service of the tiny run."""
+    app = service.create_app(predictor)
+    with _serving(app) as url:
+        yield url, app
 
 
 @pytest.fixture
@@ -183,6 +208,9 @@ def test_page_in_a_real_browser(browser, server, predictor, tiny_run, tmp_path):
 
     browser.get(url)
     _wait(lambda: "hex_nut" in browser.find_element(By.ID, "model-info").text, "the model info")
+    # the Content-Security-Policy lets the inline script run (above) and the inline style apply
+    header = "return getComputedStyle(document.querySelector('header')).backgroundColor"
+    assert browser.execute_script(header) == "rgb(29, 35, 42)"
     browser.find_element(By.ID, "files").send_keys("\n".join(str(paths[n]) for n in paths))
     cards = _wait(lambda: _settled(browser, list(paths)), "the three results")
 
@@ -246,3 +274,142 @@ def test_page_in_a_real_browser(browser, server, predictor, tiny_run, tmp_path):
     size = (tmp_path / "serve_page.png").stat().st_size
     assert size < SCREENSHOT_LIMIT, size
     assert np.asarray(shot).std() > 10  # not a blank page
+
+
+# --------------------------------------------------------------------------------------------
+# Unknown classes, model errors, CSV cells and late answers, on a fake two-class model.
+# --------------------------------------------------------------------------------------------
+
+
+class BrightnessProgram:
+    """Score and pooled feature = mean brightness (0..1); NaN for an all-white image."""
+
+    def rows(self, n):
+        return n
+
+    def __call__(self, images):
+        mean = images.reshape(len(images), -1).mean(axis=1) / 255.0
+        maps = np.broadcast_to(mean[:, None, None], (len(images), 32, 32)).astype(np.float32)
+        score = np.where(mean > 0.999, np.nan, mean)
+        return {"raw": maps, "smoothed": maps, "score": score, "pooled": mean[:, None]}
+
+
+class TwoClassScorer(Scorer):
+    """'nut' is dark (about 0.1), 'bolt' bright (about 0.9), each within 0.05 of its class
+    centre; a mid-grey image is neither (an unknown class). While `hold` is set, a decision
+    without a class waits for `release`; `held` counts those that went through."""
+
+    def __init__(self):
+        meta = {
+            "categories": ["bolt", "nut"],
+            "threshold": {
+                "image_score": 0.5,
+                "per_category": {"bolt": 0.95, "nut": 0.05},
+                "normal_scores": {"bolt": [0.9] * 4, "nut": [0.1] * 4},
+            },
+            "class_centres": {
+                "names": ["bolt", "nut"],
+                "centres": [[0.9], [0.1]],
+                "radii": [0.05, 0.05],
+            },
+        }
+        super().__init__(BrightnessProgram(), ScoringSpec((32, 32), 5, 8), meta, batch_size=4)
+        self.hold, self.release, self.held = False, threading.Event(), 0
+
+    def decide(self, scored, categories=None, threshold=None):
+        if self.hold and categories is None:
+            assert self.release.wait(WAIT_S)
+            self.held += 1
+        return super().decide(scored, categories, threshold)
+
+
+def _csv_cell(text: str) -> str:
+    """What the page's CSV should hold for a text cell (written here from RFC 4180 and the
+    OWASP rule for formula injection, not from the page)."""
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        text = "'" + text
+    if any(c in text for c in '",\n\r'):
+        text = '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def test_unknown_class_errors_csv_cells_and_late_answers(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    model = TwoClassScorer()
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    paths = {}
+    for name, value in (("=1+2.png", 26), ("mid.png", 128), ("white.png", 255)):
+        Image.fromarray(np.full((24, 32, 3), value, np.uint8)).save(folder / name)
+        paths[name] = folder / name
+    (folder / "@notes.png").write_text("this is not an image\n")
+    paths["@notes.png"] = folder / "@notes.png"
+
+    with _serving(service.create_app(model)) as url:
+        browser.get(url)
+        _wait(lambda: "bolt, nut" in browser.find_element(By.ID, "model-info").text, "the model")
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in paths.values()))
+        cards = _wait(lambda: _settled_all(browser, list(paths)), "the four results")
+
+        # a dark part is a nut, decided with the nut's threshold
+        dark = cards["=1+2.png"]
+        assert (dark["state"], dark["category"]) == ("anomalous", "nut")
+        # a mid-grey part is neither class: shown as such, not decided
+        mid = cards["mid.png"]
+        assert (mid["state"], mid["badge"]) == ("unknown", "UNKNOWN CLASS (NO DECISION)")
+        assert mid["category"] == "unknown class (no decision)"
+        # a non-finite score is an error card naming the file, never a decision
+        white = cards["white.png"]
+        assert white["state"] == "error" and white["badge"] is None
+        assert white["message"].startswith("white.png: the model gave a non-finite score")
+        assert "(HTTP 500)" in white["message"]
+        assert cards["@notes.png"]["state"] == "error"
+
+        # the slider decides known classes only
+        browser.find_element(By.ID, "threshold").send_keys("\ue010")  # End
+        cards = _cards(browser)
+        assert cards["=1+2.png"]["state"] == "normal" and cards["mid.png"]["state"] == "unknown"
+
+        # the CSV: cells a spreadsheet would run are text, and the quoting is RFC 4180's
+        browser.find_element(By.ID, "download").click()
+        csv_path = browser.downloads / "grad_jax_results.csv"
+        _wait(lambda: csv_path.is_file() and csv_path.stat().st_size > 0, "the CSV download")
+        text = csv_path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        assert lines[1].startswith("'=1+2.png,nut,") and lines[1].endswith(",normal,")
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert [r["file"] for r in rows] == ["'=1+2.png", "mid.png", "white.png", "'@notes.png"]
+        assert (rows[1]["class"], rows[1]["decision"], rows[1]["threshold"]) == (
+            "unknown class",
+            "",
+            "",
+        )
+        assert rows[3]["error"].startswith("'@notes.png: ")
+        cases = ["=cmd|' /C calc'!A0", "+1", "-1", "@SUM(A1)", "\tx", "\rx", 'a,"b"', "plain", ""]
+        written = browser.execute_script("return arguments[0].map(csvField)", cases)
+        assert written == [_csv_cell(c) for c in cases]
+
+        # late answers: an automatic-class request is still on its way when the class changes
+        browser.find_element(By.ID, "reset-threshold").click()
+        browser.find_element(By.ID, "clear").click()
+        model.hold = True
+        browser.find_element(By.ID, "files").send_keys(str(paths["mid.png"]))
+        _wait(lambda: browser.find_element(By.ID, "status").text, "the request to be sent")
+        Select(browser.find_element(By.ID, "category")).select_by_value("nut")
+        cards = _wait(lambda: _settled_all(browser, ["mid.png"]), "the nut result")
+        assert (cards["mid.png"]["state"], cards["mid.png"]["category"]) == ("anomalous", "nut")
+        model.release.set()  # now the automatic answer (an unknown class) arrives
+        _wait(lambda: model.held == 1, "the old answer")
+        _wait(lambda: browser.find_element(By.ID, "status").text == "", "the page to take it")
+        cards = _cards(browser)
+        assert (cards["mid.png"]["state"], cards["mid.png"]["category"]) == ("anomalous", "nut")
+
+
+def _settled_all(driver, names) -> dict | None:
+    cards = _cards(driver)
+    done = set(names) <= set(cards) and all(
+        cards[n]["state"] in ("anomalous", "normal", "error", "unknown", "none") for n in names
+    )
+    return cards if done else None
