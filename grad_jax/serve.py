@@ -32,6 +32,12 @@ def define_flags(v: flags.FlagValues) -> None:
     s, limits = settings_lib.Settings(), settings_lib.default_limits()
     flags.DEFINE_string("model", None, "Exported model folder (grad_jax.export).", flag_values=v)
     flags.DEFINE_string("workdir", None, "Training run folder (instead of --model).", flag_values=v)
+    flags.DEFINE_string(
+        "model_sha256",
+        None,
+        "Refuse --model unless its folder digest (printed by grad_jax.export) is this.",
+        flag_values=v,
+    )
     flags.DEFINE_integer(
         "step", None, "Checkpoint step of --workdir (default: latest).", flag_values=v
     )
@@ -156,7 +162,11 @@ def serve_command(values: flags.FlagValues, args: list[str]) -> int:
             'pip install -e ".[serve]"'
         ) from err
     model = load_scorer(
-        values.model, values.workdir, batch_size=values.batch_size, step=values.step
+        values.model,
+        values.workdir,
+        batch_size=values.batch_size,
+        step=values.step,
+        expected_sha256=values.model_sha256 or None,
     )
     try:
         app = service.create_app(model, limits, settings)

@@ -1145,3 +1145,18 @@ def _healthz_status(port: int) -> int:
         return conn.getresponse().status
     finally:
         conn.close()
+
+
+def test_serve_refuses_a_model_folder_other_than_the_pinned_one(tiny_run, tmp_path, capsys):
+    """`--model_sha256` pins the folder digest export printed: another digest is refused at
+    start with one line (exit 2), before anything is served."""
+    from grad_jax import export, serve
+    from grad_jax.inference import exported_model
+
+    export.export_workdir(str(tiny_run[0]), str(tmp_path / "model"), platforms=("cpu",))
+    digest = exported_model.folder_digest(tmp_path / "model")
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    argv = ["serve", f"--model={tmp_path / 'model'}", f"--model_sha256={wrong}", "--port=0"]
+    assert serve.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and wrong in err
