@@ -133,3 +133,20 @@ def test_class_centres_of_a_tiled_source_average_every_tile_of_the_class():
     for name, c in (("p", 0), ("q", 1)):
         want = features[[k == c for k in tile_class]].mean(axis=0)
         np.testing.assert_allclose(got["centres"][got["names"].index(name)], want, rtol=1e-6)
+
+
+def test_recognition_accuracy_counts_rejected_images_as_unknown():
+    """With radii, an image beyond its nearest class's radius is an unknown class, as a
+    deployed model decides it: not recognised, and counted in the unknown-class rate."""
+    from grad_jax.evaluation.evaluate import CategoryEval, recognition_accuracy
+
+    centres = {"names": ["a", "b"], "centres": [[0.0, 0.0], [10.0, 0.0]], "radii": [2.0, 2.0]}
+    pooled = np.array([[0.5, 0.0], [1.9, 0.0], [0.0, 3.0], [9.0, 0.0]])  # a, a, far, b
+    r = CategoryEval(
+        np.zeros(4), np.zeros(4, np.int32), np.zeros((4, 2, 2)), np.zeros((4, 2, 2)),
+        name="a", filenames=list("wxyz"), pooled=pooled,
+    )  # fmt: skip
+    values = recognition_accuracy([r], centres)
+    assert values["a/recognition_accuracy"] == pytest.approx(2 / 4)
+    assert values["a/unknown_class_rate"] == pytest.approx(1 / 4)
+    assert values["mean/unknown_class_rate"] == pytest.approx(1 / 4)

@@ -25,7 +25,7 @@ from grad_jax.evaluation import metrics
 from grad_jax.evaluation.report import write_report
 from grad_jax.files import atomic_write_json
 from grad_jax.inference import device_program
-from grad_jax.inference.decisions import nearest_centre
+from grad_jax.inference.decisions import UNKNOWN_CLASS, Decisions
 from grad_jax.inference.scorer import finish_maps
 from grad_jax.models import knn
 from grad_jax.runs import run_folder
@@ -250,19 +250,42 @@ def label_report(results: Sequence[CategoryEval]) -> dict[str, Any]:
 def recognition_accuracy(
     results: Sequence[CategoryEval], centres: dict[str, Any]
 ) -> dict[str, float]:
-    """'<category>/recognition_accuracy': the fraction of its test images whose nearest class
-    centre is their own class; 'mean/recognition_accuracy': the unweighted mean over classes."""
+    """'<category>/recognition_accuracy': the fraction of its test images recognised as their
+    own class, as a deployed model recognises them (`inference.decisions`: the nearest class
+    centre, unless it lies farther than that class's radius); with radii also
+    '<category>/unknown_class_rate', the fraction rejected as an unknown kind of part; and
+    'mean/...' the unweighted means over classes."""
     names = list(centres["names"])
-    table = np.asarray(centres["centres"], np.float32)
-    out = {}
+    decisions = Decisions({"categories": names, "class_centres": centres})
+    out: dict[str, float] = {}
     for r in results:
         if r.pooled is None or not len(r.pooled):
             continue
-        guess = nearest_centre(r.pooled, table)
-        out[f"{r.name}/recognition_accuracy"] = float(np.mean([names[g] == r.name for g in guess]))
-    if out:
-        out["mean/recognition_accuracy"] = float(np.mean(list(out.values())))
+        found = decisions.categories_for(len(r.pooled), None, np.asarray(r.pooled))
+        out[f"{r.name}/recognition_accuracy"] = float(
+            np.mean([f.category == r.name for f in found])
+        )
+        if any(radius is not None for radius in decisions.radii):
+            unknown = [f.how == UNKNOWN_CLASS for f in found]
+            out[f"{r.name}/unknown_class_rate"] = float(np.mean(unknown))
+    for key in ("recognition_accuracy", "unknown_class_rate"):
+        values = [v for k, v in out.items() if k.endswith("/" + key)]
+        if values:
+            out[f"mean/{key}"] = float(np.mean(values))
     return out
+
+
+def _recognition_line(recognition: dict[str, float]) -> str:
+    """The printed line of `recognition_accuracy`'s figures."""
+    parts = []
+    for key, value in recognition.items():
+        name, _, what = key.partition("/")
+        if what != "recognition_accuracy":
+            continue
+        unknown = recognition.get(f"{name}/unknown_class_rate")
+        extra = "" if unknown is None else f" ({100 * unknown:.1f}% taken for an unknown class)"
+        parts.append(f"{name} {100 * value:.1f}%{extra}")
+    return "class recognition (nearest class centre) on the test images: " + ", ".join(parts)
 
 
 def publish(
@@ -280,10 +303,7 @@ def publish(
         recognition = recognition_accuracy(results, centres)
         values.update(recognition)
         if jax.process_index() == 0 and recognition:
-            print(
-                "class recognition (nearest class centre) on the test images: "
-                + ", ".join(f"{k.split('/')[0]} {100 * v:.1f}%" for k, v in recognition.items())
-            )
+            print(_recognition_line(recognition))
     kinds = kind_metrics(results, info)
     if jax.process_index() == 0:
         extra = {**label_report(results), **info, "kinds": _as_json(kinds)}
