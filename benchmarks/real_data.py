@@ -28,15 +28,9 @@ import subprocess
 import sys
 import time
 
+from grad_jax.evaluation.metrics import KIND_COLUMNS as COLUMNS
+
 KINDS = ("grad", "knn", "grad+knn")
-COLUMNS = (
-    ("image_auroc", "image AUROC"),
-    ("pixel_auroc", "pixel AUROC"),
-    ("pixel_aupro", "AUPRO"),
-    ("false_alarm_rate", "false alarms"),
-    ("false_alarm_guarantee", "guaranteed"),
-    ("miss_rate", "misses"),
-)
 
 
 def run_one(name: str, root: str, runs: pathlib.Path, overrides: list[str]) -> dict:

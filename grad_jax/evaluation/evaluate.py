@@ -325,17 +325,6 @@ def publish(
     return values
 
 
-#: The figures compared across model kinds: (key, title), means over classes.
-KIND_COLUMNS = (
-    ("image_auroc", "image AUROC"),
-    ("pixel_auroc", "pixel AUROC"),
-    ("pixel_aupro", "AUPRO"),
-    ("false_alarm_rate", "false alarms"),
-    ("false_alarm_guarantee", "guaranteed"),
-    ("miss_rate", "misses"),
-)
-
-
 def decision_info(meta: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What metrics.json and the report say of a model's decisions: its threshold, its kind and
     every kind's thresholds (as calibration stored them in the run's `meta`)."""
@@ -363,14 +352,18 @@ def kind_metrics(results: Sequence[CategoryEval], info: dict[str, Any]) -> dict[
 
 
 def kinds_table(kinds: dict[str, dict], deployed: str | None) -> str:
-    """The model kinds side by side (means over classes), as plain text."""
-    rows = [f"{'kind':<10}" + "".join(f"{title:>14}" for _, title in KIND_COLUMNS)]
+    """The model kinds side by side (means over classes, in %), as plain text."""
+    columns = metrics.KIND_COLUMNS
+    widths = [len(title) + 2 for _, title in columns]
+    rows = [
+        f"{'kind':<10}" + "".join(f"{t:>{w}}" for (_, t), w in zip(columns, widths, strict=True))
+    ]
     for kind, values in kinds.items():
         cells = []
-        for key, _ in KIND_COLUMNS:
+        for (key, _), width in zip(columns, widths, strict=True):
             v = values.get(f"mean/{key}", float("nan"))
-            cells.append(f"{'n/a' if np.isnan(v) else f'{100 * v:.1f}':>14}")
-        mark = " (this run's kind)" if kind == deployed else ""
+            cells.append(f"{'n/a' if np.isnan(v) else f'{100 * v:.1f}':>{width}}")
+        mark = "  (this run's kind)" if kind == deployed else ""
         rows.append(f"{kind:<10}" + "".join(cells) + mark)
     return "model kinds on the test split (means over classes, %):\n" + "\n".join(rows)
 

@@ -20,6 +20,7 @@ from grad_jax.evaluation.metrics.ranking import (
 )
 from grad_jax.evaluation.metrics.regions import aupro, pro_curve, pro_curve_is_sampled
 from grad_jax.evaluation.metrics.summary import (
+    KIND_COLUMNS,
     METRIC_KEYS,
     NOT_AVAILABLE,
     OPTIONAL_COLUMNS,
@@ -31,6 +32,7 @@ from grad_jax.evaluation.metrics.summary import (
 )
 
 __all__ = [
+    "KIND_COLUMNS",
     "METRIC_KEYS",
     "NOT_AVAILABLE",
     "OPTIONAL_COLUMNS",

@@ -62,6 +62,18 @@ OPTIONAL_COLUMNS = (
 NOT_AVAILABLE = "n/a"
 
 
+#: The figures that compare model kinds (grad, knn, grad+knn) on one split: (key, title); a
+#: kind's row shows their means over classes ('mean/<key>').
+KIND_COLUMNS = (
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("pixel_aupro", "AUPRO"),
+    ("false_alarm_rate", "false alarms (measured)"),
+    ("false_alarm_guarantee", "false alarms (guaranteed)"),
+    ("miss_rate", "misses"),
+)
+
+
 @dataclass
 class CategoryResults:
     """Everything needed to evaluate one category.

@@ -6,15 +6,7 @@ from __future__ import annotations
 import html
 import math
 
-#: (metric key, column title): means over classes, as metrics.json's "kinds" entry holds them.
-COLUMNS = (
-    ("image_auroc", "image AUROC"),
-    ("pixel_auroc", "pixel AUROC"),
-    ("pixel_aupro", "AUPRO"),
-    ("false_alarm_rate", "false alarms (measured)"),
-    ("false_alarm_guarantee", "false alarms (guaranteed)"),
-    ("miss_rate", "misses"),
-)
+from grad_jax.evaluation.metrics import KIND_COLUMNS as COLUMNS
 
 KIND_NAMES = {
     "grad": "GRAD (the method)",
