@@ -9,15 +9,18 @@ machine is.
 """
 
 import json
+import re
 import types
 
 import pytest
 from grad_jax.configs import tiny
 
 from grad_jax.data import input_pipeline
+from grad_jax.data import synthetic_defects as sd
 from grad_jax.errors import SelectionError, UserError
+from grad_jax.evaluation.report import selection as report_selection
 from grad_jax.runs import run_folder
-from grad_jax.selection import budget, probes, select
+from grad_jax.selection import budget, probes, select, validation
 from grad_jax.selection import candidates as cands
 from grad_jax.selection.validation import ValidationSet
 from grad_jax.training import loop
@@ -65,8 +68,21 @@ def _config(candidates="", epochs=50, lr_step=40, probe_epochs=2, budget_minutes
     return config
 
 
-def _record(name, figure, seconds_per_epoch, probe_epochs=2, cache=0.0, val=0.0):
+def _record(name, figure, seconds_per_epoch, probe_epochs=2, cache=0.0, val=0.0, kinds=None):
+    """A probe's record; with `kinds` ({kind: figure}) the figures of each kind, else (as a
+    record from before kinds competed) one figure at the top level, GRAD's."""
     c = cands.parse_candidate(name, (3, 4))
+    if kinds is not None:
+        return {
+            **_record(name, figure, seconds_per_epoch, probe_epochs, cache, val),
+            "kinds": {k: dict.fromkeys(cands.FIGURE_KEYS, f) for k, f in kinds.items()},
+            "curve": [
+                {
+                    "epoch": probe_epochs,
+                    "kinds": {k: dict.fromkeys(cands.FIGURE_KEYS, f) for k, f in kinds.items()},
+                }
+            ],
+        }
     return {
         "name": c.name,
         "backbone": c.backbone,
@@ -268,8 +284,8 @@ def test_ties_go_to_the_earlier_candidate(figures, want, with_budget):
     config = _config(budget_minutes=100.0 if with_budget else 0.0)
     names = ["lite0@64", "lite1@64", "lite0@64x72", "lite0@72x64", "lite2@64"]
     done = [_probe(n, f, 1.0) for n, f in zip(names, figures, strict=False)]
-    winner = budget.choose(done, config, seconds_left=6000.0)
-    assert winner is done[want]
+    winner, kind = budget.choose(done, config, seconds_left=6000.0)
+    assert winner is done[want] and kind == "grad"
     assert all(p.record["fits_budget"] for p in done)
 
 
@@ -279,7 +295,7 @@ def test_the_earlier_tied_candidate_must_fit_the_budget():
     config = _config(budget_minutes=100.0)
     done = [_probe("lite0@64", 0.5, 10.0), _probe("lite0@256", 0.9, 160.0)]
     done.append(_probe("lite1@64", 0.9, 10.0))
-    assert budget.choose(done, config, seconds_left=105.0) is done[2]
+    assert budget.choose(done, config, seconds_left=105.0) == (done[2], "grad")
     assert [p.record["fits_budget"] for p in done] == [True, False, True]
 
 
@@ -294,7 +310,7 @@ def test_a_candidate_competes_from_exactly_80_percent_of_the_recipes_epochs():
         _probe("lite0@64x80", 0.7, 12.5),
         _probe("lite0@72x80", 0.9, 14.0625),
     ]
-    winner = budget.choose(done, config, seconds_left=105.0)
+    winner, _ = budget.choose(done, config, seconds_left=105.0)
     assert [p.record["affordable_epochs"] for p in done] == [10, 8, 7]
     assert [p.record["fits_budget"] for p in done] == [True, True, False]
     assert winner is done[1]
@@ -303,7 +319,7 @@ def test_a_candidate_competes_from_exactly_80_percent_of_the_recipes_epochs():
 def test_without_a_budget_every_candidate_trains_the_configured_epochs():
     config = _config(epochs=50, budget_minutes=0.0)
     done = [_probe("lite0@64", 0.5, 1.0), _probe("lite0@256", 0.9, 1e6)]
-    winner = budget.choose(done, config, seconds_left=-1e6)
+    winner, _ = budget.choose(done, config, seconds_left=-1e6)
     assert [p.record["affordable_epochs"] for p in done] == [50, 50]
     assert winner is done[1]
     assert budget.final_schedule(config, winner.record) == (50, 40)
@@ -343,6 +359,162 @@ def test_the_final_config_is_the_winners_recipe_and_schedule():
 
 
 # ---------------------------------------------------------------------------------------------
+# Model kinds as candidates: (recipe, kind) pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def _kinds_probe(name, seconds_per_epoch, **kinds):
+    """A probe whose kinds have the given figures (keyword 'grad_knn' is 'grad+knn')."""
+    figures = {k.replace("_", "+"): f for k, f in kinds.items()}
+    record = _record(name, 0.0, seconds_per_epoch, kinds=figures)
+    return probes.Probe(cands.from_record(record), record)
+
+
+@pytest.mark.parametrize(
+    "a, b, want",
+    [
+        # a tie between the kinds of one recipe: grad, then knn, then grad+knn
+        ({"grad": 0.8, "knn": 0.8, "grad_knn": 0.8}, {"grad": 0.1}, (0, "grad")),
+        ({"grad": 0.7, "knn": 0.8, "grad_knn": 0.8}, {"grad": 0.1}, (0, "knn")),
+        ({"knn": 0.8, "grad_knn": 0.8}, {"grad": 0.1}, (0, "knn")),
+        # across recipes the earlier recipe goes first, whatever its kind
+        ({"grad": 0.5, "grad_knn": 0.9}, {"grad": 0.9, "knn": 0.9}, (0, "grad+knn")),
+        # the best pair wins, whichever recipe and kind it is
+        ({"grad": 0.5, "knn": 0.6, "grad_knn": 0.7}, {"grad": 0.6, "knn": 0.75}, (1, "knn")),
+        ({"grad": 0.5, "knn": 0.6}, {"grad": 0.6, "knn": 0.5, "grad_knn": 0.61}, (1, "grad+knn")),
+    ],
+)
+def test_the_best_recipe_and_kind_pair_wins_ties_by_recipe_then_kind(a, b, want):
+    done = [_kinds_probe("lite0@64", 1.0, **a), _kinds_probe("lite1@64", 1.0, **b)]
+    winner, kind = budget.choose(done, _config(), seconds_left=0.0)
+    assert (done.index(winner), kind) == want
+
+
+def test_a_kind_does_not_change_which_recipes_fit_the_budget():
+    """The kinds share their recipe's training: lite0@256 (16C, 160 s an epoch) cannot train
+    long enough in 105 s however good its kNN figure; the budget figures are per recipe."""
+    config = _config(budget_minutes=100.0)
+    done = [
+        _kinds_probe("lite0@64", 10.0, grad=0.5, knn=0.6, grad_knn=0.55),
+        _kinds_probe("lite0@256", 160.0, grad=0.4, knn=0.99, grad_knn=0.98),
+    ]
+    assert budget.choose(done, config, seconds_left=105.0) == (done[0], "knn")
+    assert [p.record["fits_budget"] for p in done] == [True, False]
+    assert [p.record["affordable_epochs"] for p in done] == [10, 2]
+
+
+def test_the_full_runs_overhead_counts_the_memory_bank():
+    """Overhead = cache 5 + bank 12 + 2 epochs x 10 + 3 validations x 1 = 40 s: 100 s leave 60
+    s, 6 more epochs after the probe's 2."""
+    record = _record("lite0@64", 0.5, 10.0, cache=5.0, val=1.0)
+    record["bank_seconds"] = 12.0
+    assert budget.affordable_epochs(record, _config(epochs=50), 100.0) == 2 + 6
+    assert budget.affordable_epochs(record, _config(epochs=50), 99.9) == 2 + 5
+
+
+def test_the_final_config_sets_the_winners_model_kind():
+    config = _config("lite1@96", epochs=50, lr_step=40)
+    record = {
+        "candidates": [_record("lite0@64", 0.5, 1.0), _record("lite1@96", 0.7, 1.0)],
+        "winner": "lite1@96:3-4",
+        "winner_kind": "grad+knn",
+        "final_epochs": 50,
+        "final_lr_step_epochs": 40,
+    }
+    final = budget.final_config(config, record)
+    assert final.model.kind == "grad+knn" and final.model.backbone == "efficientnet-lite1"
+    assert config.model.kind == "grad"  # the original is left alone
+    del record["winner_kind"]  # a record from before kinds competed: the config's own kind
+    config.model.kind = "knn"
+    assert budget.final_config(config, record).model.kind == "knn"
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("grad,knn,grad+knn", ["grad", "knn", "grad+knn"]),
+        (" grad+knn , grad", ["grad", "grad+knn"]),  # tie order, whatever the order written
+        ("knn", ["knn"]),
+        ("knn,knn", ["knn"]),
+    ],
+)
+def test_the_competing_kinds_are_read_in_tie_order(text, want):
+    config = _config()
+    config.selection.kinds = text
+    assert cands.competing_kinds(config) == want
+
+
+def test_the_default_lets_every_kind_compete():
+    config = tiny.get_config()
+    assert cands.competing_kinds(config) == ["grad", "knn", "grad+knn"]
+    assert validation.defect_kinds(config) == sd.KINDS
+
+
+@pytest.mark.parametrize("text", ["", "grad,patchcore", " , "])
+def test_unreadable_kinds_are_a_user_error_naming_the_key(text):
+    config = _config()
+    config.selection.kinds = text
+    with pytest.raises(SelectionError, match="selection.kinds=") as err:
+        cands.competing_kinds(config)
+    assert "grad, knn, grad+knn" in str(err.value)
+    with pytest.raises(SelectionError, match="selection.kinds="):
+        select.validate_selection_config(config)
+
+
+def test_kinds_that_read_the_memory_bank_need_it():
+    config = _config()
+    config.knn.fraction = 0.0
+    with pytest.raises(SelectionError) as err:
+        select.validate_selection_config(config)
+    assert "knn.fraction=0" in str(err.value) and "selection.kinds=grad" in str(err.value)
+    config.selection.kinds = "grad"
+    select.validate_selection_config(config)  # GRAD alone needs no bank
+    config.selection.defect_kinds = "scratch,dent"
+    with pytest.raises(SelectionError, match="selection.defect_kinds='scratch,dent'"):
+        select.validate_selection_config(config)
+    config.selection.defect_kinds = "faint_scratch, hole"
+    assert validation.defect_kinds(config) == ("faint_scratch", "hole")
+
+
+class _RecordingPredict:
+    """make_predict_fn replaced: records (variables, config, all_kinds) of each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, variables, config, mesh, all_kinds=False):
+        self.calls.append((variables, config.model.kind, all_kinds))
+        return "program"
+
+
+def test_a_probe_validates_every_kind_with_its_bank_in_one_all_kinds_program(monkeypatch):
+    """The hook's program holds the memory bank, gives every kind's raw map (all_kinds) and
+    keeps GRAD's own kind, needing no statistics, whatever the run's model.kind; the kinds go
+    to `validate`, and the curve and the map statistics come from what it returns."""
+    asked = []
+
+    def validate(predict, val, config, kinds):
+        asked.append((predict, val, kinds))
+        return {"kinds": {k: dict.fromkeys(cands.FIGURE_KEYS, 0.5) for k in kinds}, "map_stats": 7}
+
+    recording = _RecordingPredict()
+    monkeypatch.setattr(probes, "validate", validate)
+    monkeypatch.setattr(probes.device_program, "make_predict_fn", recording)
+    run = _FakeRun(2)
+    run.config.model.kind = "grad+knn"
+    hook = probes._EpochEnd(run, "val", {2}, None, ("grad", "knn"), bank="the bank")
+    hook(1, types.SimpleNamespace(params="p1", batch_stats=None))
+    hook(2, types.SimpleNamespace(params="p2", batch_stats=None))
+    ((variables, kind, all_kinds),) = recording.calls
+    assert variables["bank"] == "the bank" and variables["params"] == "p2"
+    assert kind == "grad" and all_kinds is True
+    assert asked == [("program", "val", ("grad", "knn"))]
+    assert hook.curve == [{"epoch": 2, "kinds": {k: dict.fromkeys(cands.FIGURE_KEYS, 0.5)
+                                                 for k in ("grad", "knn")}}]  # fmt: skip
+    assert hook.map_stats == 7 and run.config.model.kind == "grad+knn"
+
+
+# ---------------------------------------------------------------------------------------------
 # select(): fake data, fake probes, a fake clock
 # ---------------------------------------------------------------------------------------------
 
@@ -361,9 +533,11 @@ class _FakeProbes:
         path = self.workdir / run_folder.SELECTION_FILE
         on_disk = json.loads(path.read_text()) if path.exists() else None
         self.calls.append((candidate.name, deadline, self.clock.now, on_disk, source))
+        figure = self.figures[candidate.name]  # a number, or {kind: figure}
+        kinds = figure if isinstance(figure, dict) else None
         record = _record(
-            candidate.name, self.figures[candidate.name], self.seconds[candidate.name],
-            probe_epochs=config.selection.probe_epochs,
+            candidate.name, 0.0 if kinds else figure, self.seconds[candidate.name],
+            probe_epochs=config.selection.probe_epochs, kinds=kinds,
         )  # fmt: skip
         self.clock.advance(record["seconds"])
         return probes.Probe(candidate, record)
@@ -379,7 +553,7 @@ def _fake_data(monkeypatch, clock, seconds):
         val = ValidationSet(["part"], [[]], [[]], [[]])
         return select._SelectionData(config, [], ["part"], items, val)
 
-    monkeypatch.setattr(select, "_selection_data", make)
+    monkeypatch.setattr(select, "selection_data", make)
 
 
 def _spy_reuse(monkeypatch, workdir):
@@ -517,6 +691,55 @@ def test_a_finished_selection_is_not_run_again(clock, monkeypatch, tmp_path):
     assert extra["selection"]["winner"] == "lite1@64:3-4"
 
 
+def test_the_record_and_the_table_show_every_recipe_and_kind(clock, monkeypatch, tmp_path):
+    """Two recipes x three kinds: the winner is lite1@64 as knn; selection.json names the
+    recipe and the kind, the winner's config has model.kind 'knn', and the printed table has
+    one row per pair in tie order (the records' kinds come sorted, as in metrics.json), the
+    winner's marked."""
+    workdir = tmp_path / "run"
+    _fake_data(monkeypatch, clock, 0.0)
+    figures = {
+        "lite0@64:3-4": {"grad": 0.61, "grad+knn": 0.63, "knn": 0.62},
+        "lite1@64:3-4": {"grad": 0.6, "grad+knn": 0.65, "knn": 0.7},
+    }
+    fake = _FakeProbes(clock, workdir, figures, dict.fromkeys(figures, 10.0))
+    monkeypatch.setattr(probes, "probe", fake)
+    _spy_reuse(monkeypatch, workdir)
+    record = select.select(_config("lite1@64"), str(workdir))
+    assert (record["winner"], record["winner_kind"]) == ("lite1@64:3-4", "knn")
+    assert record["kinds"] == ["grad", "knn", "grad+knn"]
+    assert record["config"]["model"]["kind"] == "knn"
+    assert record["config"]["model"]["backbone"] == "efficientnet-lite1"
+    on_disk = json.loads((workdir / run_folder.SELECTION_FILE).read_text())
+    assert on_disk["winner_kind"] == "knn"
+    assert on_disk["validation"]["defect_kinds"] == list(sd.KINDS)
+    rows = [line.split() for line in select.table(record).splitlines()[1:]]
+    assert [(r[0], r[1], r[5]) for r in rows] == [
+        (name, kind, f"{kinds[kind]:.4f}")
+        for name, kinds in figures.items()
+        for kind in ("grad", "knn", "grad+knn")
+    ]
+    assert [r[-1] for r in rows] == ["50"] * 4 + ["winner", "50"]
+
+
+def test_the_report_section_lists_the_pairs_in_tie_order_and_marks_the_winning_pair():
+    """metrics.json sorts keys (grad, grad+knn, knn): the report still lists grad, knn,
+    grad+knn, and marks only the winning pair."""
+    figures = {"grad": 0.6, "grad+knn": 0.65, "knn": 0.7}  # sorted, as metrics.json has them
+    c = _record("lite1@64", 0.0, 10.0, kinds=figures)
+    record = {
+        "figure": "the figure", "kinds": ["grad", "knn", "grad+knn"],
+        "validation": {"source": "held-out", "images": {"normal": 1}},
+        "candidates": [c], "winner": c["name"], "winner_kind": "knn",
+    }  # fmt: skip
+    page = report_selection.selection_section(record)
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>2</td>", page)
+    assert rows == [
+        ("lite1@64:3-4", "grad"), ("lite1@64:3-4 (winner)", "knn"), ("lite1@64:3-4", "grad+knn")
+    ]  # fmt: skip
+    assert "model kind knn" in page
+
+
 def test_an_invalid_selection_config_names_every_problem():
     config = _config(budget_minutes=-1.0)
     config.threshold.holdout_fraction = 0.0
@@ -551,17 +774,21 @@ class _FakeRun:
 
 
 def _fake_validation(monkeypatch, clock, seconds):
-    """probes.validate replaced: takes `seconds` of the clock; figure = 0.1 x the epoch."""
+    """probes.validate replaced: takes `seconds` of the clock; figure = 0.1 x the epoch for
+    each kind asked (+ 0.01 for knn)."""
     epochs = []
 
-    def validate(predict, val, config):
+    def validate(predict, val, config, kinds):
         clock.advance(seconds)
         epochs.append(predict)
         f = 0.1 * len(epochs)
-        return {"image_auroc": f, "pixel_auroc": f, "pixel_aupro": f, "figure": f}
+        figures = {k: dict.fromkeys(cands.FIGURE_KEYS, f + 0.01 * (k == "knn")) for k in kinds}
+        return {"kinds": figures, "map_stats": {"epoch": len(epochs)}}
 
     monkeypatch.setattr(probes, "validate", validate)
-    monkeypatch.setattr(probes.device_program, "make_predict_fn", lambda v, c, m: v["params"])
+    monkeypatch.setattr(
+        probes.device_program, "make_predict_fn", lambda v, c, m, all_kinds: v["params"]
+    )
     return epochs
 
 
@@ -585,7 +812,8 @@ def test_a_probe_stops_when_another_epoch_would_end_past_the_deadline(clock, mon
         cands.parse_candidate("lite0@64", (3, 4)), _FakeRun(5), hook, 7.0, 200.0
     )
     assert record["probe_epochs"] == 4 and record["seconds_per_epoch"] == 30.0
-    assert record["figure"] == pytest.approx(0.2) and record["val_seconds"] == 5.0
+    assert record["kinds"] == {"grad": dict.fromkeys(cands.FIGURE_KEYS, pytest.approx(0.2))}
+    assert record["map_stats"] == {"epoch": 2} and record["val_seconds"] == 5.0
     assert record["stopped_early"] == hook.stopped and record["steps_per_epoch"] == 3
 
 

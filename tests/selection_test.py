@@ -22,9 +22,10 @@ from grad_jax.runs import checkpointing, run_folder
 from grad_jax.runs.train_state import TrainState
 from grad_jax.selection import budget, probes, select, validation
 from grad_jax.selection import candidates as cands
-from grad_jax.training import feature_cache, loop, run_records
+from grad_jax.training import feature_cache, knn_bank, loop, run_records
 from grad_jax.training.optim import make_optimizer
 from tests.conftest import tiny_category
+from tests.synthetic_defects_test import EASY, texture_std
 
 
 @pytest.mark.parametrize("kind", sd.KINDS)
@@ -43,7 +44,9 @@ def test_defect_changes_exactly_its_mask(kind):
         # put back a pixel's own value (a mask one pixel too wide leaves 4-17% unchanged).
         assert 1.0 - changed[mask == 1].mean() <= 0.025, "mask pixels left unchanged"
         inside = np.abs(out.astype(float) - image)[mask == 1].mean()
-        assert mask.sum() > 0 and inside >= 12.0
+        # easy kinds: 12 grey levels; the texture kinds: 0.75 local std, at least 3 levels
+        need = 12.0 if kind in EASY else max(0.75 * texture_std(image, mask), 3.0)
+        assert mask.sum() > 0 and inside >= need
     again = sd.make_defect(image, donor, kind, np.random.default_rng(4))
     assert np.array_equal(again[0], out) and np.array_equal(again[1], mask)
 
@@ -147,7 +150,7 @@ def test_the_best_figure_wins_within_budget(category, tmp_path, monkeypatch):
     assert len(held) == 4 and not set(train) & set(held)
     for _, source, val in calls:
         assert source.items == train and source.masks is False
-        assert val.kinds == [["normal"] * 4 + list(sd.KINDS) * 2]
+        assert val.kinds == [["normal"] * 4 + list(sd.KINDS)]  # 8 defects: each kind once
         for image, it in zip(val.images[0][:4], held, strict=True):
             assert np.array_equal(image, folder.load(it.index))
 
@@ -222,9 +225,30 @@ def test_selection_never_reads_the_test_split(category, tmp_path, monkeypatch):
     record = saved["selection"]
     assert [c["name"] for c in record["candidates"]] == ["lite0@64:3-4", "lite0@96:3-4"]
     assert record["winner"] == phases[0]
+    kinds = ["grad", "knn", "grad+knn"]
+    assert record["kinds"] == kinds and record["winner_kind"] in kinds
     for c in record["candidates"]:
         assert [p["epoch"] for p in c["curve"]] == [1]
-        assert 0.0 <= c["image_auroc"] <= 1.0 and 0.0 <= c["pixel_aupro"] <= 1.0
+        assert sorted(c["kinds"]) == sorted(kinds) and c["bank_seconds"] > 0
+        for f in c["kinds"].values():
+            assert 0.0 <= f["image_auroc"] <= 1.0 and 0.0 <= f["pixel_aupro"] <= 1.0
+    # the winning pair, as the table shows it, is what the full run deploys
+    best = max(
+        (f["figure"], -i, -kinds.index(k), c["name"], k)
+        for i, c in enumerate(record["candidates"])
+        for k, f in c["kinds"].items()
+    )
+    assert (record["winner"], record["winner_kind"]) == best[3:]
+    assert saved["kind"] == record["winner_kind"]
+    assert run_folder.read_config(str(workdir)).model.kind == record["winner_kind"]
+    # the report lists every pair, kinds in tie order (metrics.json sorts them), the winner's
+    report = (workdir / "report" / "index.html").read_text()
+    cells = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>1</td>", report)
+    winner = (f"{record['winner']} (winner)", record["winner_kind"])
+    assert [(n.replace(" (winner)", ""), k) for n, k in cells] == [
+        (c["name"], k) for c in record["candidates"] for k in kinds
+    ]
+    assert [cell for cell in cells if "winner" in cell[0]] == [winner]
     assert record["validation"]["images"]["normal"] == 4  # 25% of 16 held out
     assert sum(record["validation"]["images"].values()) == 4 * 3  # 2 defects in each
     report = (workdir / "report" / "index.html").read_text()
@@ -290,15 +314,16 @@ def test_winner_continues_from_its_probe(category, tmp_path):
 @pytest.fixture(scope="module")
 def spied_probe(category, tmp_path_factory):
     """The one real probe here (the config's own recipe, 2 epochs, also scored after the
-    first), with spies on the loop's functions and on every validation: (record, calls,
-    validations, probe), where each validation is (val, config, [(scores, smoothed maps)] per
-    predict call, the figures it returned) and probe the `probes.Probe` it gave."""
+    first, as every model kind), with spies on the loop's functions, on the memory bank and on
+    every validation: (record, calls, validations, probe), where each validation is (val,
+    config, kinds, [{'raw_grad', 'raw_knn'}] per predict call, what it returned) and probe the
+    `probes.Probe` it gave."""
     tmp = tmp_path_factory.mktemp("spied_probe")
     config = _config(category, tmp / "tfds", candidates="")
     config.model.precision = "float32"  # not the default: a dropped setting shows
     config.selection.probe_epochs = 2
     config.selection.eval_epochs = (1,)
-    calls = {"train_epochs": [], "make_train_step": [], "make_extract_fn": []}
+    calls = {"train_epochs": [], "make_train_step": [], "make_extract_fn": [], "build_bank": []}
     validations = []
     with pytest.MonkeyPatch.context() as mp:
 
@@ -315,22 +340,23 @@ def spied_probe(category, tmp_path_factory):
 
             mp.setattr(module, name, wrapped)
 
-        spy(loop, "train_epochs", "on_epoch_end")
+        spy(loop, "train_epochs", "on_epoch_end", "cache")
         spy(loop, "make_train_step", "from_features", "precision")
         spy(feature_cache, "make_extract_fn", "precision")
+        spy(knn_bank, "build_bank", "cache", "source")
         real_validate = probes.validate
 
-        def recording_validate(predict, val, cfg):
+        def recording_validate(predict, val, cfg, kinds):
             outputs = []
 
             def recording_predict(batch):
                 out = predict(batch)
-                outputs.append((np.asarray(out["score"]), np.asarray(out["smoothed"])))
+                outputs.append({k: np.asarray(out[k]) for k in ("raw_grad", "raw_knn")})
                 return out
 
-            figures = real_validate(recording_predict, val, cfg)
-            validations.append((val, cfg, outputs, figures))
-            return figures
+            result = real_validate(recording_predict, val, cfg, kinds)
+            validations.append((val, cfg, kinds, outputs, result))
+            return result
 
         mp.setattr(probes, "validate", recording_validate)
         kept = []
@@ -344,57 +370,90 @@ def test_probes_train_through_the_training_loop(spied_probe):
     """A probe builds no step or feature extractor of its own: it runs `loop.train_epochs`,
     whose step comes from `loop.make_train_step` with the config's `model.precision`, from a
     cache extracted at that precision (on a CPU the precision changes no number, so the
-    bit-for-bit test above cannot see it)."""
-    record, calls, _, _ = spied_probe
+    bit-for-bit test above cannot see it). Its memory bank is built once, before training,
+    from that same cache of the training images (never the held-out ones)."""
+    record, calls, _, (kept,) = spied_probe
     assert [c["name"] for c in record["candidates"]] == ["lite0@64:3-4"]
-    (hook,) = calls["train_epochs"]  # one probe, trained by the loop, with its hook
-    assert hook[0] is not None
+    ((hook, cache),) = calls["train_epochs"]  # one probe, trained by the loop, with its hook
+    assert hook is not None and cache is not None
     # Its step: from the cache, at the config's precision; the cache: at that precision too.
     assert calls["make_train_step"] == [(True, "float32")]
     assert calls["make_extract_fn"] == [("float32",)]
+    ((features, source),) = calls["build_bank"]
+    assert features is cache[0]  # the training cache's features, not a second extraction
+    folder = validation.TrainFolder(pathlib.Path(record["config"]["data"]["root"]))
+    shells = [input_pipeline.CategoryData("hex_nut", folder, None)]
+    train, held = input_pipeline.split_holdout(shells, 0.25, 0)
+    assert source.items == train and not set(source.items) & set(held)
+    assert kept.bank is not None and kept.bank.shape[1] == 152  # Lite0 stages 3 + 4
 
 
-def test_a_probes_figures_are_the_metrics_of_its_own_validation_scores(spied_probe):
-    """The curve has one point per validation (epochs 1 and 2), each the metrics computed here
-    (sklearn and the reference AUPRO) from the scores and smoothed maps the probe's model gave
-    on the synthetic validation; the probe's figures are those of its last epoch."""
-    from tests.selection_validation_test import reference_figures
+def test_a_probes_figures_are_the_metrics_of_its_own_validation_maps(spied_probe):
+    """The curve has one point per validation (epochs 1 and 2), each kind's figures the metrics
+    computed here (numpy smoothing and scores, 'grad+knn' standardised by the statistics of the
+    validation's normal images only, sklearn and the reference AUPRO) from the raw maps the
+    probe's model gave on the synthetic validation; the probe's figures are those of its last
+    epoch, its map statistics those of that epoch."""
+    from tests.selection_validation_test import (
+        reference_figures,
+        reference_scores,
+        reference_smooth,
+    )
 
     record, _, validations, (kept,) = spied_probe
     (probe,) = record["candidates"]
     assert [p["epoch"] for p in probe["curve"]] == [1, 2] and len(validations) == 2
-    for point, (val, cfg, outputs, figures) in zip(probe["curve"], validations, strict=True):
+    for point, (val, cfg, kinds, outputs, result) in zip(probe["curve"], validations, strict=True):
+        assert kinds == ("grad", "knn", "grad+knn")
         size = tuple(cfg.data.image_size)
-        scores = np.concatenate([s for s, _ in outputs])
-        maps = np.concatenate([m for _, m in outputs])
-        per_category, start = [], 0
-        for masks in val.masks:  # validate scores the categories in order, in batches
-            gt = np.stack([input_pipeline.resize_mask(m, size) for m in masks])
-            end = start + len(masks)
-            per_category.append((scores[start:end], maps[start:end], gt))
-            start = end
-        assert start == len(scores) and maps.shape[1:] == size
-        want = reference_figures(per_category)
-        assert {k: point[k] for k in want} == pytest.approx(want, abs=1e-6)
-        assert figures == pytest.approx(want, abs=1e-6)
+        raw = {k: np.concatenate([o[k] for o in outputs]) for k in ("raw_grad", "raw_knn")}
+        normal = np.array([k == "normal" for ks in val.kinds for k in ks])
+        assert 0 < normal.sum() < len(normal) and raw["raw_grad"].shape[1:] == size
+        stats = {
+            k: (raw[f"raw_{k}"][normal].mean(dtype=np.float64), raw[f"raw_{k}"][normal].std())
+            for k in ("grad", "knn")
+        }
+        maps = {"grad": raw["raw_grad"], "knn": raw["raw_knn"]}
+        maps["grad+knn"] = sum((maps[k] - m) / sd_ for k, (m, sd_) in stats.items()) / 2
+        for kind, kind_maps in maps.items():
+            smoothed = reference_smooth(kind_maps, cfg.eval.smooth_size)
+            scores = reference_scores(smoothed, cfg.eval.score_pool)
+            per_category, start = [], 0
+            for masks in val.masks:  # validate scores the categories in order, in batches
+                gt = np.stack([input_pipeline.resize_mask(m, size) for m in masks])
+                end = start + len(masks)
+                per_category.append((scores[start:end], smoothed[start:end], gt))
+                start = end
+            assert start == len(scores)
+            want = reference_figures(per_category)
+            assert point["kinds"][kind] == pytest.approx(want, abs=1e-5), kind
+            assert result["kinds"][kind] == pytest.approx(want, abs=1e-5), kind
+        for k, (mean, std) in stats.items():
+            assert result["map_stats"][k] == pytest.approx({"mean": mean, "std": std}, rel=1e-5)
     # the two epochs scored differently (the model was trained in between), and the last is the
-    # model the probe returns (the state its full run continues from)
-    assert not np.allclose(validations[0][2][0][0], validations[1][2][0][0])
-    val, cfg, outputs, _ = validations[-1]
+    # model the probe returns (the state its full run continues from) with its memory bank
+    first, last_outputs = validations[0][3], validations[1][3]
+    assert not np.allclose(first[0]["raw_grad"], last_outputs[0]["raw_grad"])
+    np.testing.assert_array_equal(first[0]["raw_knn"], last_outputs[0]["raw_knn"])  # no training
+    val, cfg, *_ = validations[-1]
     variables = ModelVariables.from_model(build_model(cfg)).replace(
-        backbone=kept.backbone, params=kept.state.params, batch_stats=kept.state.batch_stats
-    )
-    predict = device_program.make_predict_fn(variables, cfg)
+        backbone=kept.backbone, params=kept.state.params, batch_stats=kept.state.batch_stats,
+        bank=kept.bank,
+    )  # fmt: skip
+    predict = device_program.make_predict_fn(variables, cfg, all_kinds=True)
     size = tuple(cfg.data.image_size)
     images = np.stack([input_pipeline.resize_image(x, size) for xs in val.images for x in xs])
     again = [predict(images[i : i + 4]) for i in range(0, len(images), 4)]
-    np.testing.assert_allclose(
-        np.concatenate([o["score"] for o in again]), np.concatenate([s for s, _ in outputs]),
-        rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
+    for key in ("raw_grad", "raw_knn"):
+        np.testing.assert_allclose(
+            np.concatenate([o[key] for o in again]), np.concatenate([o[key] for o in last_outputs]),
+            rtol=1e-5, atol=1e-6,
+        )  # fmt: skip
     last = probe["curve"][-1]
-    assert all(probe[k] == last[k] for k in _FIGURE_KEYS)
-    assert probe["figure"] == pytest.approx(0.5 * (last["image_auroc"] + last["pixel_aupro"]))
+    assert probe["kinds"] == last["kinds"]
+    assert probe["map_stats"] == validations[-1][4]["map_stats"]
+    for f in probe["kinds"].values():
+        assert f["figure"] == pytest.approx(0.5 * (f["image_auroc"] + f["pixel_aupro"]))
 
 
 def test_a_probe_stops_at_the_probing_deadline(category, tmp_path):

@@ -1,18 +1,20 @@
 """Selection's synthetic validation (`selection.validation`): made from the held-out normal
-training images (each as it is, and with synthetic defects whose cut-paste patches come from
-the other training images of its category), and the figure a model gets on it: the mean over
-categories of image AUROC and of pixel AUPRO, checked against sklearn and a small AUPRO
-written here."""
+training images (each as it is, and with synthetic defects whose patches come from the other
+training images of its category), and the figures each model kind gets on it: the mean over
+categories of image AUROC and of pixel AUPRO, checked against sklearn, a small AUPRO and the
+smoothing, scores and 'grad+knn' standardisation written here."""
 
 import numpy as np
 import pytest
 from grad_jax.configs import tiny
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from grad_jax.data import input_pipeline
 from grad_jax.data import synthetic_defects as sd
 from grad_jax.data.input_pipeline import Item
+from grad_jax.errors import SelectionError
 from grad_jax.selection import validation
 
 # ---------------------------------------------------------------------------------------------
@@ -117,20 +119,27 @@ def test_the_validation_is_the_held_out_images_and_defects_in_them(monkeypatch):
     drawn = []
     real = sd.make_defects
 
-    def spy(images, donors, per_image, seed):
-        drawn.append(([_identity(x) for x in images], [_identity(x) for x in donors]))
-        return real(images, donors, per_image, seed)
+    def spy(images, donors, per_image, seed, kinds):
+        drawn.append(([_identity(x) for x in images], [_identity(x) for x in donors], kinds))
+        return real(images, donors, per_image, seed, kinds)
 
     monkeypatch.setattr(sd, "make_defects", spy)
-    val = validation.build_validation(folders, ["a", "b"], train, held, 2, seed=3, max_donors=3)
+    kinds = ("faint_blob", "scratch", "matched_patch")
+    val = validation.build_validation(
+        folders, ["a", "b"], train, held, 2, seed=3, max_donors=3, kinds=kinds
+    )
 
     assert val.names == ["a", "b"]
     assert [len(x) for x in val.images] == [2 + 4, 1 + 2]
     assert val.kinds == [
-        ["normal", "normal", "cutpaste", "noise_blob", "scratch", "hole"],
-        ["normal", "cutpaste", "noise_blob"],
+        ["normal", "normal", "faint_blob", "scratch", "matched_patch", "faint_blob"],
+        ["normal", "faint_blob", "scratch"],
     ]
-    assert val.counts() == {"normal": 3, "cutpaste": 2, "noise_blob": 2, "scratch": 1, "hole": 1}
+    assert val.counts() == {
+        **dict.fromkeys(sd.KINDS, 0), "normal": 3, "faint_blob": 3, "scratch": 2,
+        "matched_patch": 1,
+    }  # fmt: skip
+    assert [d[2] for d in drawn] == [kinds, kinds]
     # The normal ones are the held-out images, as they are, in their order
     for c, want in enumerate([[7, 2], [0]]):
         for k, i in enumerate(want):
@@ -147,7 +156,7 @@ def test_the_validation_is_the_held_out_images_and_defects_in_them(monkeypatch):
             assert mask.any() and not np.any(changed & (mask == 0))
     # Donors: distinct training images of the same category, at most max_donors; never held out
     train_of = {c: {it.index for it in train if it.category == c} for c in (0, 1)}
-    for c, (images, donors) in enumerate(drawn):
+    for c, (images, donors, _) in enumerate(drawn):
         assert images == [(c, i) for i in ([7, 2] if c == 0 else [0])]
         assert len(donors) == 3 and len(set(donors)) == 3
         assert all(dc == c and i in train_of[c] for dc, i in donors), donors
@@ -165,16 +174,30 @@ def _flat(value: int, hw) -> np.ndarray:
     return np.full((*hw, 3), value, np.uint8)
 
 
-def test_the_figure_is_the_mean_of_image_auroc_and_pixel_aupro(monkeypatch):
+def reference_smooth(maps: np.ndarray, size: int) -> np.ndarray:
+    """`[N, H, W]`: the size x size box mean with zero padding and divisor size**2."""
+    pad = size // 2
+    padded = np.pad(maps.astype(np.float64), ((0, 0), (pad, pad), (pad, pad)))
+    return sliding_window_view(padded, (size, size), axis=(1, 2)).mean(axis=(-2, -1))
+
+
+def reference_scores(smoothed: np.ndarray, pool: int) -> np.ndarray:
+    """`[N]`: the largest pool x pool 'valid' box mean of each smoothed map."""
+    pool = min(pool, *smoothed.shape[1:])
+    return sliding_window_view(smoothed, (pool, pool), axis=(1, 2)).mean(axis=(-2, -1)).max((1, 2))
+
+
+def _figure_case():
     """Two categories: 'a' at the model's 16 x 16, 'b' at 32 x 32 (masks in 2 x 2 blocks, so
     the nearest-neighbour resize keeps them exactly). Each image is flat grey 10 + 7 x its id;
-    the fake model returns a known score and smoothed map per id (and a decoy raw map)."""
+    the fake program returns a known GRAD and kNN raw map per id (the kNN maps of defective
+    images 3x larger), and decoy 'score' and 'smoothed' outputs."""
     rng = np.random.default_rng(0)
     hw = (16, 16)
     n_a, n_b = 5, 4
-    scores = rng.random(n_a + n_b)
-    maps = rng.random((n_a + n_b, *hw)).astype(np.float32)
-    maps[:, :4, :4] = 0.25  # ties inside the ranking
+    grad = rng.random((n_a + n_b, *hw)).astype(np.float32)
+    grad[:, :4, :4] = 0.25  # ties inside the ranking
+    knn = (2.0 + 5.0 * rng.random((n_a + n_b, *hw))).astype(np.float32)
     masks = np.zeros((n_a + n_b, *hw), np.uint8)
     masks[1, 2:6, 3:7] = 1
     masks[2, 10:12, 1:3] = 1
@@ -182,30 +205,78 @@ def test_the_figure_is_the_mean_of_image_auroc_and_pixel_aupro(monkeypatch):
     masks[3, 0:16, 8] = 1
     masks[6, 4:8, 4:8] = 1
     masks[7, 9:11, 0:16] = 1
+    defective = masks.reshape(len(masks), -1).any(axis=1)
+    knn[defective] *= 3.0
     images = [_flat(10 + 7 * k, hw) for k in range(n_a)]
     images += [_flat(10 + 7 * k, (32, 32)) for k in range(n_a, n_a + n_b)]
     big = [np.kron(m, np.ones((2, 2), np.uint8)) for m in masks[n_a:]]
+    labels = ["defect" if d else "normal" for d in defective]
     val = validation.ValidationSet(
-        ["a", "b"], [images[:n_a], images[n_a:]], [list(masks[:n_a]), big], [[], []]
-    )
+        ["a", "b"], [images[:n_a], images[n_a:]], [list(masks[:n_a]), big],
+        [labels[:n_a], labels[n_a:]],
+    )  # fmt: skip
     batches = []
 
     def predict(batch):
         batches.append(batch.shape)
         ids = (batch[:, 0, 0, 0].astype(int) - 10) // 7
-        return {"score": scores[ids], "smoothed": maps[ids], "anomaly_map": 1 - maps[ids]}
+        decoy = np.zeros((len(ids), *hw), np.float32)
+        return {"raw_grad": grad[ids], "raw_knn": knn[ids], "raw": decoy, "smoothed": decoy,
+                "score": np.zeros(len(ids))}  # fmt: skip
 
     config = tiny.get_config()
     config.data.image_size = hw
     config.eval.batch_size = 3
-    got = validation.validate(predict, val, config)
-    want = reference_figures(
-        [(scores[:n_a], maps[:n_a], masks[:n_a]), (scores[n_a:], maps[n_a:], masks[n_a:])]
-    )
-    assert got == pytest.approx(want, abs=1e-9)
+    return val, predict, batches, config, {"grad": grad, "knn": knn}, masks, defective, n_a
+
+
+def test_every_kind_is_scored_and_its_figure_is_the_mean_of_image_auroc_and_pixel_aupro():
+    """Each kind's maps smoothed and scored here (numpy), 'grad+knn' the mean of both maps
+    standardised by the pixel mean and std of the NORMAL images' raw maps (all categories,
+    never a synthetic defect), then the figures of `reference_figures`."""
+    val, predict, batches, config, raw, masks, defective, n_a = _figure_case()
+    got = validation.validate(predict, val, config, ["grad", "knn", "grad+knn"])
     assert batches == [(3, 16, 16, 3), (2, 16, 16, 3), (3, 16, 16, 3), (1, 16, 16, 3)]
-    # and the figure is not the pixel AUROC's: the two differ here
-    assert abs(want["pixel_auroc"] - want["pixel_aupro"]) > 0.01
+    stats = {
+        k: {"mean": raw[k][~defective].mean(dtype=np.float64),
+            "std": raw[k][~defective].std(dtype=np.float64)}
+        for k in ("grad", "knn")
+    }  # fmt: skip
+    assert set(got["map_stats"]) == set(stats)
+    for k, want in stats.items():
+        assert got["map_stats"][k] == pytest.approx(want, rel=1e-6), k
+    maps = dict(raw)
+    maps["grad+knn"] = sum((raw[k] - stats[k]["mean"]) / stats[k]["std"] for k in raw) / 2
+    assert list(got["kinds"]) == ["grad", "knn", "grad+knn"]
+    for kind, raw_maps in maps.items():
+        smoothed = reference_smooth(raw_maps, config.eval.smooth_size)
+        scores = reference_scores(smoothed, config.eval.score_pool)
+        want = reference_figures(
+            [
+                (scores[:n_a], smoothed[:n_a], masks[:n_a]),
+                (scores[n_a:], smoothed[n_a:], masks[n_a:]),
+            ]
+        )
+        assert got["kinds"][kind] == pytest.approx(want, abs=1e-6), kind
+        # and the figure is not the pixel AUROC's: the two differ here
+        assert abs(want["pixel_auroc"] - want["pixel_aupro"]) > 0.01
+    # statistics of every image (defects included) would weigh the two maps otherwise
+    every = {k: {"mean": raw[k].mean(), "std": raw[k].std()} for k in raw}
+    assert every["knn"]["std"] > 1.5 * stats["knn"]["std"]
+
+
+def test_grad_alone_needs_no_statistics_and_a_missing_map_is_named():
+    val, predict, _, config, *_ = _figure_case()
+    got = validation.validate(predict, val, config)  # GRAD alone, the default
+    assert list(got["kinds"]) == ["grad"] and got["map_stats"] is None
+
+    def grad_only(batch):
+        out = predict(batch)
+        del out["raw_knn"]
+        return out
+
+    with pytest.raises(SelectionError, match="model kind 'knn' cannot be scored.*raw_grad"):
+        validation.validate(grad_only, val, config, ["grad", "knn"])
 
 
 def test_the_real_split_feeds_the_validation():

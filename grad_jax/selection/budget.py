@@ -1,5 +1,6 @@
 """Recipe selection's time budget and its choice: which candidates may still be probed, how many
-epochs a candidate's full run can afford, the winner, and the winner's full-run config.
+epochs a candidate's full run can afford, the winning (recipe, model kind) pair, and its
+full-run config. The budget is a recipe's: its kinds share its training, so they share its cost.
 
 `selection.budget_minutes` bounds the whole run (final training included); probing may use
 `selection.max_share` of it. Decisions that depend on the clock are taken by process 0 and
@@ -18,7 +19,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from grad_jax.selection.candidates import Candidate, from_record
+from grad_jax.models.knn import KINDS
+from grad_jax.selection.candidates import Candidate, from_record, kind_figures
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,16 @@ def skip_reason(
 
 
 def _overhead_seconds(record: dict[str, Any]) -> float:
-    """Time of a full run besides its epochs: caching the features again, the threshold and the
-    test evaluation (taken as the probe's caching plus two epochs and three validations)."""
+    """Time of a full run besides its epochs: caching the features and building the memory bank
+    again, the threshold and the test evaluation (taken as the probe's caching and bank plus two
+    epochs and three validations)."""
     per_epoch = record.get("seconds_per_epoch_estimate", record["seconds_per_epoch"])
-    return record["cache_seconds"] + 2 * per_epoch + 3 * record["val_seconds"]
+    return (
+        record["cache_seconds"]
+        + record.get("bank_seconds", 0.0)
+        + 2 * per_epoch
+        + 3 * record["val_seconds"]
+    )
 
 
 def affordable_epochs(record: dict[str, Any], config, seconds_left: float) -> int:
@@ -80,10 +88,14 @@ def affordable_epochs(record: dict[str, Any], config, seconds_left: float) -> in
     return int(min(config.train.epochs, record["probe_epochs"] + max(more, 0)))
 
 
-def choose(probes: Sequence[Any], config: ml_collections.ConfigDict, seconds_left: float):
-    """The winner among `probes` (`probes.Probe`, the config's own recipe first) that can train
-    long enough; adds each one's epoch estimate, affordable epochs and eligibility to its record.
-    The best figure wins, ties going to the earlier candidate."""
+def choose(
+    probes: Sequence[Any], config: ml_collections.ConfigDict, seconds_left: float
+) -> tuple[Any, str]:
+    """The winning (probe, kind) pair among the kinds scored for each of `probes`
+    (`probes.Probe`, the config's own recipe first) whose recipe can train long enough; adds
+    each recipe's epoch estimate, affordable epochs and eligibility to its record. The best
+    figure wins; ties go to the earlier recipe, then to the earlier kind (grad, knn,
+    grad+knn)."""
     budget = config.selection.budget_minutes * 60.0
     # On a shared machine the load changes between probes, so each candidate's epoch time is
     # estimated from the fastest measured rate per unit of head cost (positions x channels).
@@ -98,8 +110,14 @@ def choose(probes: Sequence[Any], config: ml_collections.ConfigDict, seconds_lef
     floor = ELIGIBLE_SHARE * probes[0].record["affordable_epochs"]
     for i, p in enumerate(probes):
         p.record["fits_budget"] = i == 0 or p.record["affordable_epochs"] >= floor
-    eligible = [p for p in probes if p.record["fits_budget"]]
-    return max(eligible, key=lambda p: (p.record["figure"], -probes.index(p)))
+    pairs = [
+        (figures["figure"], -i, -KINDS.index(kind), p, kind)
+        for i, p in enumerate(probes)
+        if p.record["fits_budget"]
+        for kind, figures in kind_figures(p.record).items()
+    ]
+    best = max(pairs, key=lambda t: t[:3])
+    return best[3], best[4]
 
 
 def final_schedule(config: ml_collections.ConfigDict, winner_record: dict[str, Any]):
@@ -116,10 +134,13 @@ def final_schedule(config: ml_collections.ConfigDict, winner_record: dict[str, A
 def final_config(
     config: ml_collections.ConfigDict, record: dict[str, Any]
 ) -> ml_collections.ConfigDict:
-    """The winner's full-run config: its recipe, and the epochs the budget allows (the learning
+    """The winner's full-run config: its recipe, its model kind (`model.kind`; a record from
+    before kinds competed keeps the config's), and the epochs the budget allows (the learning
     rate step moved in proportion, so the schedule keeps its shape)."""
     chosen = next(c for c in record["candidates"] if c["name"] == record["winner"])
     final = from_record(chosen).apply(config)
+    if "winner_kind" in record:
+        final.model.kind = record["winner_kind"]
     final.train.epochs = record["final_epochs"]
     final.train.lr_step_epochs = record["final_lr_step_epochs"]
     return final

@@ -1,6 +1,7 @@
-"""The recipes recipe selection compares: `Candidate` (backbone, input size, backbone stages),
-read from `config.select` / `selection.candidates` (`BACKBONE@SIZE[xWIDTH][:STAGES]`), with the
-relative training cost of its head.
+"""What recipe selection compares: recipes (`Candidate`: backbone, input size, backbone stages,
+read from `config.select` / `selection.candidates` as `BACKBONE@SIZE[xWIDTH][:STAGES]`, with the
+relative training cost of its head), each scored as every model kind of `selection.kinds`
+(`competing_kinds`): the candidates are (recipe, kind) pairs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import ml_collections
 
 from grad_jax.errors import SelectionError
 from grad_jax.models.efficientnet import VARIANTS, efficientnet_spec
+from grad_jax.models.knn import KINDS
+
+#: The figures a (recipe, kind) pair gets on the synthetic validation.
+FIGURE_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "figure")
 
 _CANDIDATE = re.compile(r"^(?:efficientnet-)?(lite\d|b\d)@(\d+)(?:x(\d+))?(?::(\d(?:-\d)*))?$")
 
@@ -93,3 +98,26 @@ def candidates(config: ml_collections.ConfigDict) -> list[Candidate]:
 def from_record(entry: dict) -> Candidate:
     """The candidate of one entry of a selection record's "candidates"."""
     return Candidate(entry["backbone"], tuple(entry["image_size"]), tuple(entry["out_layers"]))
+
+
+def competing_kinds(config: ml_collections.ConfigDict) -> list[str]:
+    """The model kinds of `selection.kinds` (a comma list), in the order that breaks ties
+    (`models.knn.KINDS`: grad, knn, grad+knn) whatever order they are written in."""
+    text = config.selection.get("kinds", "grad")
+    given = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in given if k not in KINDS]
+    if unknown or not given:
+        raise SelectionError(
+            f"selection.kinds={text!r}: give one or more of {', '.join(KINDS)}, comma-separated "
+            "(e.g. --config.selection.kinds=grad,knn)"
+        )
+    return [k for k in KINDS if k in given]
+
+
+def kind_figures(entry: dict) -> dict[str, dict[str, float]]:
+    """kind -> figures of one candidate entry of a selection record (or a curve point): its
+    "kinds" in tie order (metrics.json sorts keys); a record written before kinds competed
+    holds GRAD's figures at its top level."""
+    if "kinds" in entry:
+        return {k: entry["kinds"][k] for k in KINDS if k in entry["kinds"]}
+    return {"grad": {k: entry[k] for k in FIGURE_KEYS}}

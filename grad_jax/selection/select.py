@@ -7,22 +7,29 @@ alone:
 1. The held-out normal images (`threshold.holdout_fraction` of the training images, never
    trained on; the same ones later set the decision threshold) each appear once as they are
    (normal) and `selection.defects_per_image` times with a synthetic defect with an exact mask
-   (`validation`, `synthetic_defects`: patches cut from other training images, noise blobs,
-   scratches, brightness holes).
+   (`validation`, `synthetic_defects`: easy ones (patches cut from other training images, noise
+   blobs, scratches, brightness holes) and hard ones whose contrast follows the image's own
+   texture (faint small blobs, 1 px scratches, other training images' content shifted or
+   pasted where it matches the surroundings); `selection.defect_kinds`).
 2. Every candidate recipe (`candidates`: backbone, input size, backbone stages) trains briefly
    (`selection.probe_epochs`) on exactly the images the final run will train on, through the
    training loop itself, from backbone features cached once per (backbone, size, stages), and
-   is scored on that validation set at a few epochs (`probes`): the figure is the mean of image
-   AUROC and pixel AUPRO.
+   is scored on that validation set at a few epochs (`probes`) as every model kind of
+   `selection.kinds` (grad, knn, grad+knn; the kNN memory bank is built once per recipe from
+   the same cache, and 'grad+knn' standardised by the validation's normal images): the
+   candidates are (recipe, kind) pairs, and a pair's figure is the mean of image AUROC and
+   pixel AUPRO.
 3. With `selection.budget_minutes` (the whole run), probes stop at `selection.max_share` of it;
    a candidate competes if its full run can train at least 80% of the epochs the config's own
    recipe could (that one always competes; epoch times come from the fastest measured rate
    per unit of head cost, since the load of a shared machine changes between probes), and the
    winner trains the epochs that fit (at most `train.epochs`, the learning-rate step moved in
-   proportion; `budget`). The best figure wins, ties going to the earlier candidate. Its probe
-   state is exactly the first epochs of its full run (same images, order, seeds, learning-rate
-   schedule and training loop), so it is written as that run's first checkpoint and training
-   continues from it.
+   proportion; `budget`); the kinds of a recipe share its training and its budget. The best
+   figure wins, ties going to the earlier recipe, then to the earlier kind (grad, knn,
+   grad+knn); the winner's full run gets its recipe and `model.kind`. Its probe state is
+   exactly the first epochs of its full run (same images, order, seeds, learning-rate schedule
+   and training loop), so it is written as that run's first checkpoint and training continues
+   from it.
 
 Only `<root>/train/good` is read before the final evaluation (`validation` lists and decodes it
 directly), never the dataset build, which also reads the test split.
@@ -52,13 +59,14 @@ from grad_jax.errors import SelectionError
 from grad_jax.files import atomic_write_json
 from grad_jax.runs import checkpointing, run_folder
 from grad_jax.selection import budget, probes
-from grad_jax.selection.candidates import candidates
+from grad_jax.selection.candidates import candidates, competing_kinds, kind_figures
 from grad_jax.selection.validation import (
     FIGURE,
     TrainFolder,
     ValidationSet,
     build_validation,
     category_roots,
+    defect_kinds,
 )
 from grad_jax.training import loop
 from grad_jax.training.run_records import METRICS_LOG
@@ -81,6 +89,16 @@ def validate_selection_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"selection.max_share={s.max_share} must be in (0, 1]")
     if s.budget_minutes < 0:
         problems.append(f"selection.budget_minutes={s.budget_minutes} must be >= 0 (0: none)")
+    for parse in (competing_kinds, defect_kinds):
+        try:
+            parse(config)
+        except SelectionError as err:
+            problems.append(str(err))
+    if "knn" in s.get("kinds", "") and config.knn.fraction <= 0:
+        problems.append(
+            f"selection.kinds={s.kinds!r} includes kinds that read the kNN memory bank, which "
+            "knn.fraction=0 turns off: set knn.fraction > 0, or --config.selection.kinds=grad"
+        )
     if problems:
         raise SelectionError("invalid selection config:\n  " + "\n  ".join(problems))
 
@@ -96,7 +114,9 @@ class _SelectionData:
     validation: ValidationSet
 
 
-def _selection_data(config: ml_collections.ConfigDict) -> _SelectionData:
+def selection_data(config: ml_collections.ConfigDict) -> _SelectionData:
+    """The training items and the synthetic validation of `config`'s data (training images
+    only), with `data.image_size` 'auto' resolved from the training images."""
     roots = category_roots(config)
     names = [r.name for r in roots]
     folders = [TrainFolder(r, config.data.skip_bad_images) for r in roots]
@@ -115,13 +135,14 @@ def _selection_data(config: ml_collections.ConfigDict) -> _SelectionData:
         config = config.copy_and_resolve_references()
         config.data.image_size = input_pipeline.resolve_image_size(config, shells)
     val = build_validation(
-        folders, names, train_items, held_items, config.selection.defects_per_image, config.seed
-    )
+        folders, names, train_items, held_items, config.selection.defects_per_image,
+        config.seed, kinds=defect_kinds(config),
+    )  # fmt: skip
     log.info("selection: synthetic validation %s", val.counts())
     return _SelectionData(config, folders, names, train_items, val)
 
 
-def _probe_all(data: _SelectionData, workdir: str, record: dict[str, Any], started: float):
+def probe_all(data: _SelectionData, workdir: str, record: dict[str, Any], started: float):
     """(probes, skipped): every candidate probed while the budget's probing share allows;
     selection.json is rewritten after each probe."""
     config = data.config
@@ -151,26 +172,18 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     holds the winner's full config as JSON.
     """
     started = time.time()
-    data = _selection_data(config)
+    data = selection_data(config)
     config = data.config
-    record: dict[str, Any] = {
-        "figure": FIGURE,
-        "validation": {
-            "source": "held-out normal training images and synthetic defects made in them; "
-            "no test image, label or mask was read",
-            "images": data.validation.counts(),
-        },
-        "budget_minutes": config.selection.budget_minutes,
-        "probe_epochs": config.selection.probe_epochs,
-    }
-    done, skipped = _probe_all(data, workdir, record, started)
+    record = new_record(config, data)
+    done, skipped = probe_all(data, workdir, record, started)
     elapsed = time.time() - started
-    winner = budget.choose(done, config, config.selection.budget_minutes * 60.0 - elapsed)
+    winner, kind = budget.choose(done, config, config.selection.budget_minutes * 60.0 - elapsed)
     epochs, lr_step = budget.final_schedule(config, winner.record)
     record.update(
         candidates=[p.record for p in done],
         skipped=skipped,
         winner=winner.candidate.name,
+        winner_kind=kind,
         selection_seconds=elapsed,
         final_epochs=epochs,
         final_lr_step_epochs=lr_step,
@@ -187,6 +200,22 @@ def select(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         record["reused_probe"] = True
         _write(workdir, record)
     return record
+
+
+def new_record(config: ml_collections.ConfigDict, data: _SelectionData) -> dict[str, Any]:
+    """The selection record before any probe: what is compared, on what, and how."""
+    return {
+        "figure": FIGURE,
+        "kinds": competing_kinds(config),
+        "validation": {
+            "source": "held-out normal training images and synthetic defects made in them; "
+            "no test image, label or mask was read",
+            "images": data.validation.counts(),
+            "defect_kinds": list(defect_kinds(config)),
+        },
+        "budget_minutes": config.selection.budget_minutes,
+        "probe_epochs": config.selection.probe_epochs,
+    }
 
 
 def _reuse(winner: probes.Probe, final: ml_collections.ConfigDict, workdir: str) -> bool:
@@ -227,26 +256,30 @@ def _write(workdir: str, record: dict[str, Any]) -> None:
 
 
 def table(record: dict[str, Any]) -> str:
-    """The candidate table as plain text."""
+    """The (recipe, kind) table as plain text: one row per pair."""
     rows = [
-        f"{'candidate':<18} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'figure':>7} "
-        f"{'s/epoch':>8} {'epochs':>6}  note"
+        f"{'candidate':<18} {'kind':<9} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} "
+        f"{'figure':>7} {'s/epoch':>8} {'epochs':>6}  note"
     ]
     for c in record["candidates"]:
-        note = "winner" if c["name"] == record["winner"] else ""
+        recipe_note = ""
         if not c.get("fits_budget", True):
-            note = "cannot train long enough within the budget"
+            recipe_note = "cannot train long enough within the budget"
         if c.get("stopped_early"):
-            note = f"{note}; " if note else ""
-            note += f"probe stopped after {c['probe_epochs']} epoch(s) (budget)"
-        rows.append(
-            f"{c['name']:<18} {c['image_auroc']:>11.4f} {c['pixel_auroc']:>11.4f} "
-            f"{c['pixel_aupro']:>7.4f} {c['figure']:>7.4f} {c['seconds_per_epoch']:>8.1f} "
-            f"{c.get('affordable_epochs', '-'):>6}  {note}"
-        )
+            recipe_note = f"{recipe_note}; " if recipe_note else ""
+            recipe_note += f"probe stopped after {c['probe_epochs']} epoch(s) (budget)"
+        for kind, f in kind_figures(c).items():
+            won = c["name"] == record["winner"] and kind == record.get("winner_kind", kind)
+            note = "; ".join(n for n in ("winner" if won else "", recipe_note) if n)
+            rows.append(
+                f"{c['name']:<18} {kind:<9} {f['image_auroc']:>11.4f} {f['pixel_auroc']:>11.4f} "
+                f"{f['pixel_aupro']:>7.4f} {f['figure']:>7.4f} {c['seconds_per_epoch']:>8.1f} "
+                f"{c.get('affordable_epochs', '-'):>6}  {note}"
+            )
     for s in record.get("skipped", []):
         rows.append(
-            f"{s['name']:<18} {'-':>11} {'-':>11} {'-':>7} {'-':>7} {'-':>8} {'-':>6}  skipped"
+            f"{s['name']:<18} {'-':<9} {'-':>11} {'-':>11} {'-':>7} {'-':>7} {'-':>8} {'-':>6}"
+            "  skipped"
         )
     return "\n".join(rows)
 

@@ -3,7 +3,8 @@
 `TrainFolder` lists and decodes `<category>/train/good` directly, in the dataset builder's
 sorted order (so positions match the dataset the final run reads); nothing outside `train/good`
 is opened. `build_validation` shows each held-out normal image once as it is and with synthetic
-defects (`synthetic_defects`); `validate` scores a model on that set.
+defects (`synthetic_defects`, the kinds of `selection.defect_kinds`); `validate` scores a model
+on that set as every competing model kind.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import tfds_mvtec
 from grad_jax.data import demo, input_pipeline
 from grad_jax.data import synthetic_defects as sd
 from grad_jax.errors import SelectionError
-from grad_jax.evaluation import metrics
+from grad_jax.evaluation import evaluate, metrics
+from grad_jax.training.calibration import map_statistics
 from tfds_mvtec.mvtec_ad import layout
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,21 @@ class ValidationSet:
         return {k: flat.count(k) for k in ["normal", *sd.KINDS]}
 
 
+def defect_kinds(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The synthetic defect kinds of `selection.defect_kinds` ('all', or a comma list of
+    `synthetic_defects.KINDS`), in the order given."""
+    text = config.selection.get("defect_kinds", "all").strip()
+    if text == "all":
+        return sd.KINDS
+    given = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in given if k not in sd.KINDS]
+    if unknown or not given:
+        raise SelectionError(
+            f"selection.defect_kinds={text!r}: 'all', or a comma list of {', '.join(sd.KINDS)}"
+        )
+    return given
+
+
 def build_validation(
     folders: Sequence[TrainFolder],
     names: Sequence[str],
@@ -120,9 +137,11 @@ def build_validation(
     per_image: int,
     seed: int,
     max_donors: int = 32,
+    kinds: Sequence[str] = sd.KINDS,
 ) -> ValidationSet:
-    """Held-out normal images as they are, plus `per_image` synthetic defects in each; patches
-    for cut-paste come from (at most `max_donors`) training images of the same category."""
+    """Held-out normal images as they are, plus `per_image` synthetic defects in each (`kinds`
+    in turn); the patch kinds' patches come from (at most `max_donors`) training images of the
+    same category."""
     rng = np.random.default_rng([seed, 1234])
     out = ValidationSet(list(names), [], [], [])
     for c, folder in enumerate(folders):
@@ -130,29 +149,65 @@ def build_validation(
         pool = [it.index for it in train_items if it.category == c]
         picks = rng.choice(pool, size=min(max_donors, len(pool)), replace=False) if pool else []
         donors = [folder.load(int(i)) for i in picks]
-        defects = sd.make_defects(held, donors, per_image, seed + c)
+        defects = sd.make_defects(held, donors, per_image, seed + c, tuple(kinds))
         out.images.append(held + [d[2] for d in defects])
         out.masks.append([np.zeros(x.shape[:2], np.uint8) for x in held] + [d[3] for d in defects])
         out.kinds.append(["normal"] * len(held) + [d[1] for d in defects])
     return out
 
 
-def validate(predict, val: ValidationSet, config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Image AUROC, pixel AUROC, pixel AUPRO and their figure on the synthetic validation."""
+def validate(
+    predict, val: ValidationSet, config: ml_collections.ConfigDict, kinds: Sequence[str] = ("grad",)
+) -> dict[str, Any]:
+    """Every model kind of `kinds` scored on the synthetic validation, in one pass of `predict`
+    (an all-kinds program, `make_predict_fn(..., all_kinds=True)`: its 'raw_grad' and, with a
+    memory bank, 'raw_knn' maps). Each kind's maps are smoothed and scored as evaluation does
+    (`evaluate.score_kinds`); 'grad+knn' standardises both maps by the pixel statistics of the
+    validation's normal images (`calibration.map_statistics`), which are the held-out normal
+    training images, never a synthetic defect: the images the full run standardises by.
+
+    Returns {'kinds': {kind: {'image_auroc', 'pixel_auroc', 'pixel_aupro', 'figure'}},
+    'map_stats': {kind: {'mean', 'std'}} or None (only 'grad+knn' needs them)}; the figure is
+    the mean of image AUROC and pixel AUPRO, each the unweighted mean over categories.
+    """
     size = tuple(config.data.image_size)
-    per_class = {}
-    for name, images, masks in zip(val.names, val.images, val.masks, strict=True):
+    raws, truths = [], []
+    for images, masks in zip(val.images, val.masks, strict=True):
         resized = np.stack([input_pipeline.resize_image(x, size) for x in images])
-        gt = np.stack([input_pipeline.resize_mask(m, size) for m in masks])
-        scores, maps = [], []
+        truths.append(np.stack([input_pipeline.resize_mask(m, size) for m in masks]))
+        parts = []
         for start in range(0, len(resized), config.eval.batch_size):
             out = predict(resized[start : start + config.eval.batch_size])
-            scores.append(out["score"])
-            maps.append(out["smoothed"])
+            parts.append({k: v for k, v in out.items() if k.startswith("raw_")})
+        raws.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    stats = None
+    if "grad+knn" in kinds:
+        normals = [
+            {k: v[i] for k, v in raw.items()}
+            for raw, labels in zip(raws, val.kinds, strict=True)
+            for i, label in enumerate(labels)
+            if label == "normal"
+        ]
+        if not normals:
+            raise SelectionError("the synthetic validation has no normal image to standardise by")
+        stats = map_statistics(normals)
+    per_kind: dict[str, dict[str, metrics.CategoryResults]] = {k: {} for k in kinds}
+    for name, raw, gt in zip(val.names, raws, truths, strict=True):
         labels = gt.reshape(len(gt), -1).any(axis=1).astype(np.int32)
-        per_class[name] = metrics.CategoryResults(
-            np.concatenate(scores), labels, np.concatenate(maps), gt
-        )
+        scored = evaluate.score_kinds(raw, config, stats)
+        for kind in kinds:
+            if kind not in scored:
+                raise SelectionError(
+                    f"model kind {kind!r} cannot be scored: the predict program gave "
+                    f"{', '.join(sorted(raw))} (a kNN kind needs the memory bank)"
+                )
+            scores, smoothed = scored[kind]
+            per_kind[kind][name] = metrics.CategoryResults(scores, labels, smoothed, gt)
+    return {"kinds": {k: figures(per_kind[k]) for k in kinds}, "map_stats": stats}
+
+
+def figures(per_class: dict[str, metrics.CategoryResults]) -> dict[str, float]:
+    """Image AUROC, pixel AUROC, pixel AUPRO (means over classes) and their figure."""
     values, _ = metrics.summarise(per_class)
     out = {k: values[f"mean/{k}"] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
     out["figure"] = 0.5 * (out["image_auroc"] + out["pixel_aupro"])
