@@ -241,7 +241,8 @@ def test_cli_writes_every_output(good_run, good_dir, trained):
         assert float(threshold) == th
         assert decision == ("anomalous" if float(score) >= th else "normal")
         assert category == "hex_nut"  # the run's only class
-        assert float(calibrated) == np.mean(normal < float(score))
+        # the conformal rank: #{held-out normal scores below} / (n + 1)
+        assert float(calibrated) == np.sum(normal < float(score)) / (normal.size + 1)
     assert {r[0]: r[7] for r in rows} == OVERLAY_NAMES
     with np.load(out / "maps.npz") as maps:
         assert sorted(maps.files) == GOOD_KEYS
