@@ -2,7 +2,9 @@
 
 import os
 import pathlib
+import struct
 import sys
+import zlib
 
 import pytest
 
@@ -100,3 +102,17 @@ def assert_clean_notebook(nb) -> None:
             assert cell.outputs == [], f"cell {i} has stored outputs"
             assert cell.execution_count is None, f"cell {i} has an execution count"
         assert "attachments" not in cell, f"cell {i} has attachments"
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height grey pixels, with almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (width + 1) * 4)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )

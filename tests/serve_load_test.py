@@ -22,20 +22,18 @@ import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from grad_jax.inference.predictor import Predictor
-from tests.conftest import ROOT
+from tests.conftest import ROOT, bomb_png
 from tfds_mvtec.mvtec_ad import layout
 
 CLIENTS, REQUESTS = 8, 50
@@ -77,20 +75,6 @@ def _inputs(category) -> tuple[dict[str, bytes], dict[str, bytes]]:
         "cut.png": big[: len(big) // 3],
     }
     return good, bad
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height grey pixels, with almost no data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * (width + 1) * 4)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-    )
 
 
 def multipart(files: list[tuple[str, bytes]], **fields: str) -> tuple[bytes, str]:

@@ -11,10 +11,8 @@ import contextlib
 import io
 import os
 import re
-import struct
 import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from grad_jax.inference.loader import load_scorer
 from grad_jax.inference.predictor import Predictor
 from grad_jax.inference.scorer import Scorer, ScoringSpec
 from grad_jax.serving import batching, service, uploads
+from tests.conftest import bomb_png
 from tfds_mvtec.mvtec_ad import layout
 
 SIZE = (64, 64)  # configs/tiny.py
@@ -96,20 +95,6 @@ def expected(predictor, data: bytes, name: str = "x"):
 def post(client, files, **fields):
     parts = [("file", (name, data, "application/octet-stream")) for name, data in files]
     return client.post("/v1/predict", files=parts, data={k: str(v) for k, v in fields.items()})
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height gray pixels, with almost no data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * (width + 1) * 4)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,18 +403,29 @@ def test_per_class_decisions_and_recognition_pass_through(good_files):
 # --------------------------------------------------------------------------------------------
 
 
-def test_batcher_collects_and_survives_a_failing_batch():
+def held_batcher(max_wait_s: float):
+    """A batcher of 3 (queue 8) whose worker records each batch in `calls`, releases `entered`
+    and waits for `gate` before answering 10 x each item (a batch holding "boom" raises)."""
     calls, gate, entered = [], threading.Event(), threading.Semaphore(0)
 
     def run(items):
         calls.append(list(items))
         entered.release()
-        assert gate.wait(30)
+        assert gate.wait(60)
         if "boom" in items:
             raise RuntimeError("boom")
         return [x * 10 for x in items]
 
-    b = batching.Batcher(run, batch_size=3, max_wait_s=0.002, max_queue=8)
+    return (
+        batching.Batcher(run, batch_size=3, max_wait_s=max_wait_s, max_queue=8),
+        calls,
+        gate,
+        entered,
+    )
+
+
+def test_batcher_collects_and_survives_a_failing_batch():
+    b, calls, gate, entered = held_batcher(max_wait_s=0.002)
     try:
         first = b.submit([1])
         assert entered.acquire(timeout=30)  # the worker is busy
@@ -797,17 +793,7 @@ def test_batcher_reservations_hold_room():
 
 
 def test_a_failing_batch_fails_only_the_item_that_caused_it():
-    calls, gate, entered = [], threading.Event(), threading.Semaphore(0)
-
-    def run(items):
-        calls.append(list(items))
-        entered.release()
-        assert gate.wait(60)
-        if "boom" in items:
-            raise RuntimeError("boom")
-        return [x * 10 for x in items]
-
-    b = batching.Batcher(run, batch_size=3, max_wait_s=0, max_queue=8)
+    b, calls, gate, entered = held_batcher(max_wait_s=0)
     try:
         first = b.submit([1])
         assert entered.acquire(timeout=60)
