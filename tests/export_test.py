@@ -539,3 +539,18 @@ def test_export_prints_the_digest_and_predict_checks_it(run_dir, model_dir, tmp_
     run = ["predict", f"--workdir={run_dir}", f"--out={tmp_path / 'r'}", f"--model_sha256={digest}"]
     assert predict.main([*run, str(image)]) == 2
     assert "--model_sha256 pins an exported model folder" in capsys.readouterr().err
+
+
+def test_the_platform_is_compared_as_jax_export_names_it(model_dir, monkeypatch):
+    """On an NVIDIA GPU jax.default_backend() says 'gpu' while an exported program lists 'cuda':
+    the loader must compare jax.export's own name for this machine, and name both sides."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax_export, "default_export_platform", lambda: "cuda")
+    assert exported_model.export_platform() == "cuda"
+    model = exported_model.load_model(model_dir)  # lowered for cpu, cuda and tpu: accepted
+    assert "cuda" in model.meta["platforms"]
+    with pytest.raises(
+        exported_model.ModelFileError, match="lowered for cpu, and this machine runs cuda"
+    ):
+        exported_model.check_platform(("cpu",), "cuda", "model.jaxexport")
+    exported_model.check_platform(("cpu", "cuda"), "cuda", "model.jaxexport")
