@@ -242,6 +242,40 @@ def test_body_over_the_limit_without_content_length(client):
     assert r.status_code == 413, r.text
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "chunked"])
+def test_the_request_limit_counts_the_whole_body(client, streamed):
+    """Four files each under the per-file limit pass; the same files followed by 2 MB of bytes
+    after the form's end pass the request's limit (not any file's): 413 for the request, with or
+    without Content-Length (then streamed in 64 KiB chunks and cut off while it arrives)."""
+    rng = np.random.default_rng(0)
+    files = [png(rng.integers(0, 256, (500, 590, 3), dtype=np.uint8)) for _ in range(4)]
+    assert all(600_000 < len(f) < LIMITS.max_file_bytes for f in files)
+    assert sum(map(len, files)) < LIMITS.max_request_bytes
+    head = b"".join(
+        b"--b\r\ncontent-disposition: form-data; name=file; filename=f%d.png\r\n"
+        b"content-type: image/png\r\n\r\n" % i + f + b"\r\n"
+        for i, f in enumerate(files)
+    )
+    form = head + b"--b--\r\n"
+    epilogue = b"\0" * (2 * 1024 * 1024)
+    assert len(form) < LIMITS.max_request_bytes < len(form + epilogue)
+
+    def send(body: bytes):
+        content = body
+        if streamed:
+            content = (body[i : i + 65536] for i in range(0, len(body), 65536))
+        headers = {"content-type": "multipart/form-data; boundary=b"}
+        return client.post("/v1/predict", content=content, headers=headers)
+
+    r = send(form)
+    assert r.status_code == 200, r.text
+    assert [x["file"] for x in r.json()["results"]] == [f"f{i}.png" for i in range(4)]
+    r = send(form + epilogue)
+    assert r.status_code == 413, r.text
+    assert f"the request is over the limit of {LIMITS.max_request_bytes:,} bytes" in r.text
+    assert send(form).status_code == 200  # and the service goes on
+
+
 # --------------------------------------------------------------------------------------------
 # The other routes.
 # --------------------------------------------------------------------------------------------
