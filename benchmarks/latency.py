@@ -96,6 +96,7 @@ def main(argv) -> int:
     torch.set_num_threads(threads)
     config = FLAGS.config.copy_and_resolve_references()
     config.model.random_backbone = True
+    config.model.kind = "grad"  # PyTorch runs GRAD; random weights hold no kNN bank
     h, w = config.data.image_size
     files = sample_files(FLAGS.images)
 

@@ -82,6 +82,7 @@ def main(argv) -> int:
     torch.set_num_threads(threads)
     config = FLAGS.config.copy_and_resolve_references()
     config.model.random_backbone = True
+    config.model.kind = "grad"  # PyTorch runs GRAD; random weights hold no kNN bank
     b = FLAGS.batch
     h, w = config.data.image_size
     rng = np.random.default_rng(0)

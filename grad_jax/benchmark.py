@@ -243,6 +243,7 @@ def run_benchmark(
         with config.ignore_type():
             config.data.image_size = (config.data.tile.size, config.data.tile.size)
     config.model.random_backbone = not pretrained
+    config.model.kind = "grad"  # GRAD is what is timed; random weights hold no kNN bank
     config.eval.batch_size = batch
     sharding.check_batch_size(batch, "--batch")
     model = run_folder.create_model(config)

@@ -39,6 +39,7 @@ python -m grad_jax.convert --torch-backbone=efficientnet-b4-6ed6700e.pth \\
 def convert_crad_checkpoint(checkpoint: str, config, workdir: str) -> dict[str, Any]:
     """Write `workdir` (config.json + an Orbax checkpoint) from an official CRAD checkpoint."""
     config = config.copy_and_resolve_references()
+    config.model.kind = "grad"  # an official checkpoint is a GRAD model: it holds no kNN bank
     model = build_model(config, seed=config.seed)  # the backbone comes from the checkpoint
     meta = state_dicts.load_crad_checkpoint(model, checkpoint)
     variables = ModelVariables.from_model(model)

@@ -19,3 +19,14 @@ def test_sample_files_decode_to_mvtec_like_sizes():
         image = benchmark.decode(data)
         assert image.dtype.name == "uint8" and image.shape[2] == 3
         assert 600 <= min(image.shape[:2]) and max(image.shape[:2]) <= 1000
+
+
+def test_a_config_that_deploys_knn_is_timed_as_grad():
+    """configs/folder.py deploys the kNN kind; random weights have no memory bank, so the
+    benchmark times GRAD (what it compares with PyTorch) instead of failing for want of one."""
+    from grad_jax.configs import tiny
+
+    config = tiny.get_config()
+    config.model.kind = "knn"
+    result = benchmark.run_benchmark(config, 2, 1, False, ["latency"], 1)
+    assert result["latency_batch1"]["exported"]["samples"] == 2

@@ -79,6 +79,20 @@ def test_crad_checkpoint_becomes_a_run_folder(torch_model):
     # the converted folder refuses to be overwritten
     again = run_cli(f"--torch-checkpoint={ckpt}", f"--config={config_path}", f"--workdir={out}")
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+    # an official checkpoint is a GRAD model (no kNN bank), whatever kind the config deploys
+    knn_out = tmp / "run_knn_config"
+    result = run_cli(
+        f"--torch-checkpoint={ckpt}",
+        f"--config={config_path}",
+        "--config.model.kind=knn",
+        f"--workdir={knn_out}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    converted = run_folder.load_trained(str(knn_out))
+    assert converted.config.model.kind == "grad"
+    np.testing.assert_array_equal(
+        make_predict_fn(converted.variables, converted.config)(images)["raw"], got
+    )
 
 
 def test_backbone_file_to_npz_and_back(torch_model):
