@@ -5,7 +5,7 @@ the backbone (2C = 304) with expansion C = 152, the reference's optimiser and sc
 50 epochs: the setting of the official-code comparison on Magnetic Tile (design notes).
 
 The run deploys the kNN kind (evaluation still reports grad, knn and grad+knn side by side).
-Chosen by a rule stated before any figure was read: the kind whose label-free synthetic
+Chosen by a rule stated before the figures it uses were read: the kind whose label-free synthetic
 validation figure is best for this recipe (3-epoch Lite0 probes, as selection scores them) on
 most of the real datasets laid out by benchmarks/datasets/, ties to grad. knn won on all three
 (KolektorSDD, BSData, DeepPCB; README, Results: "Which kind a folder run deploys"). Set
