@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +86,3 @@ def build_bank(
         bank.nbytes / 2**20, time.time() - t0,
     )  # fmt: skip
     return bank
-
-
-def bank_on_device(bank: Any, mesh) -> Any:
-    """The bank replicated over the mesh (or None)."""
-    return None if bank is None else sharding.replicate(jnp.asarray(bank, jnp.float32), mesh)
